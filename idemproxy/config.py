@@ -1,0 +1,684 @@
+"""Policy file: YAML -> ${VAR} expansion -> validated, frozen config.
+
+Loading happens in three steps, each collecting every problem instead of stopping at the first:
+
+1. ``_read_yaml`` turns the YAML node tree into plain values and remembers the line of each field
+   path (``routes[2].ttl`` -> 14), expanding ``${VAR}`` / ``${VAR:-default}`` in every string.
+2. ``_build`` checks those values against the ``*File`` dataclasses below, which mirror the file
+   one to one; unknown fields are errors, so a typo can never silently disable protection.
+3. ``_resolve`` merges ``defaults`` into every route and produces the ``Config`` the proxy runs on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
+
+import yaml
+
+from idemproxy.errors import ConfigError, ConfigProblem
+
+__all__ = ["Config", "ConfigError", "Overrides", "RoutePolicy", "load", "load_text"]
+from idemproxy.units import is_token, parse_duration, parse_host_port, parse_size
+
+Concurrency = Literal["reject", "wait"]
+Ambiguous = Literal["store", "release"]
+OnError = Literal["fail_closed", "fail_open"]
+StoreMode = Literal["standalone", "sentinel", "cluster"]
+KeySource = Literal["header", "body", "query", "fingerprint"]
+FingerprintPart = Literal["method", "path", "query", "body"]
+
+# Markers for values that are strings in YAML and numbers in the config.
+Duration = Annotated[float, "duration"]
+Size = Annotated[int, "size"]
+HostPort = Annotated[str, "host:port"]
+
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+NOT_SUPPORTED = "not supported yet"
+
+
+# --- the file, one dataclass per mapping; None means "not written" -------------------------
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    header: str | None = None
+    from_: KeySource | None = field(default=None, metadata={"yaml": "from"})
+    pointer: str | None = None
+    name: str | None = None
+    required: bool | None = None
+    window: Duration | None = None
+
+
+@dataclass(frozen=True)
+class FingerprintFile:
+    include: list[FingerprintPart] | None = None
+    headers: list[str] | None = None
+    json_canonical: bool | None = None
+
+
+@dataclass(frozen=True)
+class ReplayFile:
+    status: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    """The fields a route inherits from ``defaults`` and may override."""
+
+    key: KeyFile | None = None
+    ttl: Duration | None = None
+    lock_ttl: Duration | None = None
+    concurrency: Concurrency | None = None
+    wait_timeout: Duration | None = None
+    fingerprint: FingerprintFile | None = None
+    scope: list[str] | None = None
+    release_statuses: list[int] | None = None
+    ambiguous: Ambiguous | None = None
+    max_request_body: Size | None = None
+    max_stored_response: Size | None = None
+    require_if_match: bool | None = None
+    etag_from_get: bool | None = None
+    replay: ReplayFile | None = None
+
+
+@dataclass(frozen=True)
+class MatchFile:
+    path: str | None = None
+    methods: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class RouteFile(PolicyFile):
+    name: str | None = None
+    match: MatchFile | None = None
+    idempotency: bool | None = None
+
+
+@dataclass(frozen=True)
+class AdminFile:
+    listen: HostPort | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamFile:
+    url: str | None = None
+    timeout: Duration | None = None
+    connect_timeout: Duration | None = None
+    max_connections: int | None = None
+
+
+@dataclass(frozen=True)
+class StoreFile:
+    url: str | None = None
+    mode: StoreMode | None = None
+    sentinels: list[str] | None = None
+    service_name: str | None = None
+    key_prefix: str | None = None
+    on_error: OnError | None = None
+
+
+@dataclass(frozen=True)
+class PolicyDocument:
+    version: int | None = None
+    listen: HostPort | None = None
+    shutdown_timeout: Duration | None = None
+    admin: AdminFile | None = None
+    upstream: UpstreamFile | None = None
+    store: StoreFile | None = None
+    defaults: PolicyFile | None = None
+    routes: list[RouteFile] | None = None
+
+
+# --- the resolved config the proxy runs on --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    source: Literal["header", "body", "query"]
+    header: str
+    pointer: str
+    query_name: str
+    required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintPolicy:
+    include: frozenset[str]
+    headers: tuple[str, ...]
+    json_canonical: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    label: str
+    path: str
+    methods: frozenset[str]
+    keyed: bool
+    key: KeyPolicy
+    ttl: float
+    lock_ttl: float
+    concurrency: Concurrency
+    wait_timeout: float
+    fingerprint: FingerprintPolicy
+    scope_headers: tuple[str, ...]
+    release_statuses: frozenset[int]
+    ambiguous: Ambiguous
+    max_request_body: int
+    max_stored_response: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str
+    timeout: float
+    connect_timeout: float
+    max_connections: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str
+    key_prefix: str
+    on_error: OnError
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[str, int]
+    admin_listen: tuple[str, int]
+    shutdown_timeout: float
+    upstream: UpstreamConfig
+    store: StoreConfig
+    routes: tuple[RoutePolicy, ...]
+    source: str | None = None
+
+
+BUILTIN_DEFAULTS = PolicyFile(
+    key=KeyFile(header="Idempotency-Key", from_="header", required=False),
+    ttl=24 * 3600.0,
+    lock_ttl=30.0,
+    concurrency="reject",
+    wait_timeout=10.0,
+    fingerprint=FingerprintFile(
+        include=["method", "path", "query", "body"], headers=[], json_canonical=True
+    ),
+    scope=["header:Authorization"],
+    release_statuses=[408, 425, 429, 502, 503, 504],
+    ambiguous="store",
+    max_request_body=1024 * 1024,
+    max_stored_response=1024 * 1024,
+)
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line flags; each one, when given, wins over the file."""
+
+    listen: str | None = None
+    upstream: str | None = None
+    store: str | None = None
+    admin: str | None = None
+
+
+# --- step 1: YAML with lines and ${VAR} expansion -------------------------------------------
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+class _Reader:
+    def __init__(self, text: str, environ: typing.Mapping[str, str]) -> None:
+        self.loader = yaml.SafeLoader(text)
+        self.environ = environ
+        self.lines: dict[str, int] = {}
+        self.problems: list[ConfigProblem] = []
+
+    def read(self) -> object:
+        try:
+            node = self.loader.get_single_node()
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            problem = getattr(exc, "problem", None) or str(exc)
+            self.problems.append(ConfigProblem("", f"not valid YAML: {problem}", line))
+            return None
+        finally:
+            self.loader.dispose()
+        if node is None:
+            return {}
+        return self._value(node, "")
+
+    def _value(self, node: yaml.Node, path: str) -> object:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            result: dict[str, object] = {}
+            for key_node, value_node in node.value:
+                key = self.loader.construct_object(key_node)
+                if not isinstance(key, str):
+                    key = str(key)
+                child = f"{path}.{key}" if path else key
+                self.lines[child] = key_node.start_mark.line + 1
+                if key in result:
+                    self._problem(child, "duplicate field")
+                    continue
+                result[key] = self._value(value_node, child)
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self._value(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        value = self.loader.construct_object(node)
+        if isinstance(value, str) and "${" in value:
+            return self._expand(node, value, path)
+        return value
+
+    def _expand(self, node: yaml.Node, text: str, path: str) -> object:
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in self.environ and (default is None or self.environ[name] != ""):
+                return self.environ[name]
+            if default is not None:
+                return default
+            self._problem(path, f"environment variable {name} is not set (write ${{{name}:-}})")
+            return ""
+
+        expanded = _ENV_REF.sub(substitute, text)
+        if getattr(node, "style", None) is None:  # a plain scalar: let YAML type the result
+            tag = self.loader.resolve(yaml.ScalarNode, expanded, (True, False))  # type: ignore[no-untyped-call]
+            return self.loader.construct_object(yaml.ScalarNode(tag, expanded))
+        return expanded
+
+    def _problem(self, path: str, message: str) -> None:
+        self.problems.append(ConfigProblem(path, message, self.lines.get(path)))
+
+
+# --- step 2: values -> *File dataclasses ---------------------------------------------------
+
+
+class _Invalid:
+    """Marks a value that failed validation (its problem is already recorded)."""
+
+
+INVALID = _Invalid()
+
+
+_PARENT_STEP = re.compile(r"(\.?[^.\[\]]+|\[\d+\])$")
+
+
+class _Builder:
+    def __init__(self, lines: dict[str, int], problems: list[ConfigProblem]) -> None:
+        self.lines = lines
+        self.problems = problems
+
+    def problem(self, path: str, message: str) -> _Invalid:
+        """Record a problem at ``path``, with the line of the path or of its closest parent."""
+        line, parent = self.lines.get(path), path
+        while line is None and parent:
+            parent = _PARENT_STEP.sub("", parent)
+            line = self.lines.get(parent)
+        self.problems.append(ConfigProblem(path, message, line))
+        return INVALID
+
+    def build(self, hint: Any, value: object, path: str) -> Any:
+        origin = get_origin(hint)
+        if origin in (Union, types.UnionType):
+            options = [arg for arg in get_args(hint) if arg is not type(None)]
+            if value is None:
+                return None
+            return self.build(options[0], value, path)
+        if origin is Annotated:
+            base, marker = get_args(hint)
+            return self._annotated(base, marker, value, path)
+        if origin is Literal:
+            choices = get_args(hint)
+            if value not in choices:
+                allowed = ", ".join(str(c) for c in choices)
+                return self.problem(path, f"must be one of {allowed}, got {value!r}")
+            return value
+        if origin is list:
+            (item_hint,) = get_args(hint)
+            if not isinstance(value, list):
+                return self.problem(path, f"expected a list, got {_kind(value)}")
+            items = [self.build(item_hint, item, f"{path}[{i}]") for i, item in enumerate(value)]
+            return [item for item in items if item is not INVALID]
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            return self._dataclass(hint, value, path)
+        if hint is bool:
+            if not isinstance(value, bool):
+                return self.problem(path, f"expected true or false, got {value!r}")
+            return value
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                return self.problem(path, f"expected a whole number, got {value!r}")
+            return value
+        if hint is str:
+            if not isinstance(value, str):
+                return self.problem(path, f"expected a string, got {_kind(value)}")
+            return value
+        raise TypeError(f"unsupported config type {hint!r}")  # pragma: no cover - a coding error
+
+    def _annotated(self, base: Any, marker: str, value: object, path: str) -> Any:
+        parser = {"duration": parse_duration, "size": parse_size, "host:port": parse_host_port}
+        try:
+            parsed = parser[marker](value)
+        except ValueError as exc:
+            return self.problem(path, str(exc))
+        return value if base is str else parsed
+
+    def _dataclass(self, cls: type[Any], value: object, path: str) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            return self.problem(path, f"expected a mapping, got {_kind(value)}")
+        hints = get_type_hints(cls, include_extras=True)
+        by_yaml_name = {f.metadata.get("yaml", f.name): f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for name, raw in value.items():
+            child = f"{path}.{name}" if path else str(name)
+            spec = by_yaml_name.get(name)
+            if spec is None:
+                known = ", ".join(sorted(by_yaml_name))
+                self.problem(child, f"unknown field (known fields: {known})")
+                continue
+            built = self.build(hints[spec.name], raw, child)
+            # An invalid field is left out (its problem is recorded) so that later checks
+            # still run on the rest and every problem is reported in one go.
+            if built is not INVALID:
+                kwargs[spec.name] = built
+        return cls(**kwargs)
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+# --- step 3: merge defaults into routes, check the combinations -----------------------------
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Field-wise merge of two *File dataclasses: fields written in ``override`` win."""
+    if override is None:
+        return base
+    if base is None:
+        return override
+    changes = {}
+    for f in dataclasses.fields(base):
+        mine, theirs = getattr(override, f.name), getattr(base, f.name)
+        if dataclasses.is_dataclass(mine) and dataclasses.is_dataclass(theirs):
+            changes[f.name] = _merge(theirs, mine)
+        elif mine is not None:
+            changes[f.name] = mine
+    return dataclasses.replace(base, **changes)
+
+
+_JSON_POINTER = re.compile(r"^(/([^~/]|~[01])*)*$")
+
+
+class _Resolver:
+    def __init__(self, builder: _Builder) -> None:
+        self.b = builder
+
+    def route(self, defaults: PolicyFile, route: RouteFile, path: str) -> RoutePolicy | None:
+        merged: PolicyFile = _merge(defaults, route)
+        before = len(self.b.problems)
+        where = {name: f"{path}.{name}" for name in ("key", "scope", "match")}
+        self.unsupported(route, path)
+        key = self.key(merged.key or KeyFile(), route.key, where["key"])
+        scope = self.scope(merged.scope or [], where["scope"])
+        fingerprint = self.fingerprint(merged.fingerprint or FingerprintFile(), path)
+        statuses = merged.release_statuses or []
+        for i, status in enumerate(statuses):
+            if not 100 <= status <= 599:
+                self.b.problem(f"{path}.release_statuses[{i}]", f"{status} is not an HTTP status")
+        pattern, methods = self.match(route.match, where["match"])
+        if len(self.b.problems) > before or key is None or fingerprint is None:
+            return None
+        # BUILTIN_DEFAULTS sets every field, so none of these can be None after the merge.
+        assert merged.ttl is not None
+        assert merged.lock_ttl is not None
+        assert merged.wait_timeout is not None
+        assert merged.concurrency is not None
+        assert merged.ambiguous is not None
+        assert merged.max_request_body is not None
+        assert merged.max_stored_response is not None
+        return RoutePolicy(
+            label=route.name or f"{'|'.join(sorted(methods))} {pattern}",
+            path=pattern,
+            methods=methods,
+            keyed=route.idempotency is not False,
+            key=key,
+            ttl=merged.ttl,
+            lock_ttl=merged.lock_ttl,
+            concurrency=merged.concurrency,
+            wait_timeout=merged.wait_timeout,
+            fingerprint=fingerprint,
+            scope_headers=tuple(scope),
+            release_statuses=frozenset(statuses),
+            ambiguous=merged.ambiguous,
+            max_request_body=merged.max_request_body,
+            max_stored_response=merged.max_stored_response,
+        )
+
+    def unsupported(self, written: PolicyFile, path: str) -> None:
+        """Fields of features that are not built yet must not be accepted and ignored."""
+        for name in ("require_if_match", "etag_from_get"):
+            if getattr(written, name):
+                self.b.problem(f"{path}.{name}", f"{NOT_SUPPORTED}: remove it or set false")
+        if written.replay is not None:
+            self.b.problem(f"{path}.replay", f"{NOT_SUPPORTED}: replays are byte for byte")
+
+    def key(self, merged: KeyFile, written: KeyFile | None, path: str) -> KeyPolicy | None:
+        source = merged.from_ or "header"
+        if source == "fingerprint":
+            self.b.problem(f"{path}.from", f"from: fingerprint is {NOT_SUPPORTED}")
+            return None
+        if merged.window is not None:
+            self.b.problem(f"{path}.window", f"{NOT_SUPPORTED} (it belongs to from: fingerprint)")
+        # Only a route's own key block can be inconsistent; defaults may carry a header name.
+        mine = written or KeyFile()
+        if source != "body" and merged.pointer is not None:
+            self.b.problem(f"{path}.pointer", "pointer is only used with from: body")
+        if source != "query" and merged.name is not None:
+            self.b.problem(f"{path}.name", "name is only used with from: query")
+        if source != "header" and mine.header is not None:
+            self.b.problem(f"{path}.header", f"header is not used with from: {source}")
+        header = merged.header or "Idempotency-Key"
+        if not is_token(header):
+            self.b.problem(f"{path}.header", f"{header!r} is not a valid header name")
+        pointer = merged.pointer
+        if source == "body":
+            if pointer is None:
+                self.b.problem(f"{path}.pointer", "from: body needs a JSON pointer, e.g. /id")
+            elif not pointer or not _JSON_POINTER.match(pointer):
+                self.b.problem(f"{path}.pointer", f"{pointer!r} is not a JSON pointer like /id")
+        if source == "query" and not merged.name:
+            self.b.problem(f"{path}.name", "from: query needs the parameter name")
+        return KeyPolicy(
+            source=source,
+            header=header,
+            pointer=pointer or "",
+            query_name=merged.name or "",
+            required=bool(merged.required),
+        )
+
+    def scope(self, entries: list[str], path: str) -> list[str]:
+        headers = []
+        for i, entry in enumerate(entries):
+            kind, _, name = entry.partition(":")
+            if kind != "header" or not is_token(name):
+                self.b.problem(f"{path}[{i}]", f"expected header:NAME, got {entry!r}")
+            else:
+                headers.append(name)
+        return headers
+
+    def fingerprint(self, merged: FingerprintFile, path: str) -> FingerprintPolicy | None:
+        headers = merged.headers or []
+        for i, name in enumerate(headers):
+            if not is_token(name):
+                self.b.problem(f"{path}.fingerprint.headers[{i}]", f"{name!r} is not a header name")
+        return FingerprintPolicy(
+            include=frozenset(merged.include or []),
+            headers=tuple(h.lower() for h in headers),
+            json_canonical=bool(merged.json_canonical),
+        )
+
+    def match(self, match: MatchFile | None, path: str) -> tuple[str, frozenset[str]]:
+        from idemproxy.policy import check_pattern  # policy imports this module's types
+
+        pattern = match.path if match is not None else None
+        if pattern is None:
+            self.b.problem(f"{path}.path", "every route needs match.path")
+            pattern = "/**"
+        else:
+            error = check_pattern(pattern)
+            if error is not None:
+                self.b.problem(f"{path}.path", error)
+        methods = (match.methods if match is not None else None) or ["POST", "PATCH"]
+        for i, method in enumerate(methods):
+            if method.upper() not in KNOWN_METHODS:
+                self.b.problem(f"{path}.methods[{i}]", f"unknown HTTP method {method!r}")
+        return pattern, frozenset(m.upper() for m in methods)
+
+
+def _store_url(url: str) -> str | None:
+    scheme = urlsplit(url).scheme
+    if url == "memory://" or scheme in ("redis", "rediss", "unix"):
+        return None
+    got = f"{scheme}://" if scheme else repr(url)
+    return f"expected memory://, redis://, rediss:// or unix://, got {got}"
+
+
+def _upstream_url(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an http:// or https:// URL with a host, got {url!r}"
+    if parts.query or parts.fragment:
+        return "the upstream URL must not have a query or fragment"
+    return None
+
+
+def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | None) -> Config:
+    if doc.version not in (None, 1):
+        b.problem("version", f"unsupported version {doc.version}; this idemproxy reads version 1")
+    listen = _address(flags.listen, "--listen", doc.listen or DEFAULT_LISTEN, "listen", b)
+    admin = doc.admin or AdminFile()
+    admin_listen = _address(
+        flags.admin, "--admin", admin.listen or DEFAULT_ADMIN_LISTEN, "admin.listen", b
+    )
+    if admin.token:
+        b.problem("admin.token", f"{NOT_SUPPORTED}: the keys API is not built; leave it empty")
+
+    up = doc.upstream or UpstreamFile()
+    upstream_url = (flags.upstream or up.url or "").rstrip("/")
+    if upstream_url:
+        error = _upstream_url(upstream_url)
+        if error:
+            b.problem("--upstream" if flags.upstream else "upstream.url", error)
+    if up.max_connections is not None and up.max_connections < 1:
+        b.problem("upstream.max_connections", "must be at least 1")
+
+    st = doc.store or StoreFile()
+    store_url = flags.store or st.url or "memory://"
+    error = _store_url(store_url)
+    if error:
+        b.problem("--store" if flags.store else "store.url", error)
+    if st.mode not in (None, "standalone"):
+        b.problem("store.mode", f"mode {st.mode} is {NOT_SUPPORTED}; use standalone")
+    if st.sentinels:
+        b.problem("store.sentinels", f"{NOT_SUPPORTED} (Sentinel)")
+    if st.service_name is not None:
+        b.problem("store.service_name", f"{NOT_SUPPORTED} (Sentinel)")
+
+    defaults = _merge(BUILTIN_DEFAULTS, doc.defaults)
+    resolver = _Resolver(b)
+    if doc.defaults is not None:
+        resolver.unsupported(doc.defaults, "defaults")
+    routes_file = doc.routes
+    if routes_file is None:  # SPEC: with no routes, POST and PATCH on every path are keyed
+        routes_file = [RouteFile(name="default", match=MatchFile(path="/**"))]
+    routes = []
+    for i, route in enumerate(routes_file):
+        resolved = resolver.route(defaults, route, f"routes[{i}]")
+        if resolved is not None:
+            routes.append(resolved)
+    return Config(
+        listen=listen,
+        admin_listen=admin_listen,
+        shutdown_timeout=doc.shutdown_timeout or 30.0,
+        upstream=UpstreamConfig(
+            url=upstream_url,
+            timeout=up.timeout or 60.0,
+            connect_timeout=up.connect_timeout or 5.0,
+            max_connections=up.max_connections or 256,
+        ),
+        store=StoreConfig(
+            url=store_url,
+            key_prefix=st.key_prefix if st.key_prefix is not None else "idem:",
+            on_error=st.on_error or "fail_closed",
+        ),
+        routes=tuple(routes),
+        source=source,
+    )
+
+
+def _address(
+    flag: str | None, flag_name: str, value: str, path: str, b: _Builder
+) -> tuple[str, int]:
+    try:
+        return parse_host_port(flag if flag is not None else value)
+    except ValueError as exc:
+        b.problem(flag_name if flag is not None else path, str(exc))
+        return ("127.0.0.1", 0)
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def load_text(
+    text: str,
+    source: str | None = None,
+    flags: Overrides | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> Config:
+    """Parse and validate a policy document; raise ConfigError listing every problem."""
+    reader = _Reader(text, os.environ if environ is None else environ)
+    raw = reader.read()
+    builder = _Builder(reader.lines, reader.problems)
+    doc = builder.build(PolicyDocument, raw, "") if raw is not None else INVALID
+    config = (
+        _resolve(doc, flags or Overrides(), builder, source)
+        if isinstance(doc, PolicyDocument)
+        else None
+    )
+    if builder.problems or config is None:
+        raise ConfigError(builder.problems, source)
+    return config
+
+
+def load(
+    path: str | None,
+    flags: Overrides | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> Config:
+    """Load the policy file at ``path`` (None: built-in defaults only), then apply ``flags``."""
+    if path is None:
+        return load_text("", None, flags, environ)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem("", f"cannot read the file: {exc}")], path) from exc
+    return load_text(text, path, flags, environ)

@@ -1,0 +1,99 @@
+"""The exceptions idemproxy raises and the problem+json answers it makes.
+
+::
+
+    IdemproxyError
+    ├── ConfigError          invalid policy file or flags; carries every problem found
+    ├── StoreUnavailable     the store did not answer (connection refused, timeout)
+    └── ProblemError         a request the proxy answers itself with a problem+json (RFC 9457)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+
+PROBLEM_BASE_URI = "https://idemproxy.dev/problems/"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One thing wrong with a policy file: where (field path, line) and what."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def render(self, source: str | None = None) -> str:
+        where = source or "config"
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        field = f"{self.path}: " if self.path else ""
+        return f"{where}: {field}{self.message}"
+
+
+class IdemproxyError(Exception):
+    """Base of every error idemproxy raises on purpose."""
+
+
+class ConfigError(IdemproxyError):
+    def __init__(self, problems: list[ConfigProblem], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(p.render(source) for p in problems))
+
+
+class StoreUnavailable(IdemproxyError):
+    """The store could not be reached or did not answer in time."""
+
+
+# code -> (status, title). The codes are the stable contract of SPEC section 4.
+PROBLEMS: dict[str, tuple[int, str]] = {
+    "idempotency_key_missing": (400, "Idempotency key missing"),
+    "idempotency_key_invalid": (400, "Idempotency key invalid"),
+    "request_too_large": (413, "Request body too large"),
+    "request_in_progress": (409, "Request in progress"),
+    "idempotency_key_reused": (422, "Idempotency key reused"),
+    "response_not_replayable": (409, "Response not replayable"),
+    "upstream_unavailable": (502, "Upstream unavailable"),
+    "upstream_timeout": (504, "Upstream timeout"),
+    "store_unavailable": (503, "Store unavailable"),
+}
+
+
+class ProblemError(IdemproxyError):
+    def __init__(self, code: str, detail: str, retry_after: int | None = None) -> None:
+        self.code = code
+        self.detail = detail
+        self.retry_after = retry_after
+        super().__init__(f"{code}: {detail}")
+
+    @property
+    def status(self) -> int:
+        return PROBLEMS[self.code][0]
+
+    def body(self) -> bytes:
+        status, title = PROBLEMS[self.code]
+        problem = {
+            "type": PROBLEM_BASE_URI + self.code.replace("_", "-"),
+            "title": title,
+            "status": status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        return json.dumps(problem).encode()
+
+    def headers(self) -> list[tuple[str, str]]:
+        headers = [("Content-Type", PROBLEM_CONTENT_TYPE)]
+        if self.retry_after is not None:
+            headers.append(("Retry-After", str(self.retry_after)))
+        return headers
+
+    def response(self) -> web.Response:
+        resp = web.Response(status=self.status, body=self.body())
+        for name, value in self.headers():
+            resp.headers[name] = value
+        return resp

@@ -1,0 +1,148 @@
+"""Idempotency keys and request fingerprints. Pure: no I/O, no aiohttp.
+
+- ``extract_key`` finds the client's key (header, JSON pointer into the body, query parameter).
+- ``store_key`` scopes it per credential: prefix + sha256(scope values, key).
+- ``fingerprint`` says what makes two requests "the same request" (sha256, collision-resistant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import msgspec
+
+from idemproxy.config import FingerprintPolicy, KeyPolicy
+
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class KeyProblem:
+    """Why a request has no usable key: ``missing`` or ``invalid``."""
+
+    kind: str
+    detail: str
+
+
+def extract_key(
+    policy: KeyPolicy,
+    header: Callable[[str], str | None],
+    query: Callable[[str], str | None],
+    body: bytes,
+) -> str | KeyProblem:
+    if policy.source == "header":
+        raw = header(policy.header)
+        if raw is None:
+            return KeyProblem("missing", f"send the {policy.header} header")
+        return _validate(_unquote_sf_string(raw.strip()), f"the {policy.header} header")
+    if policy.source == "query":
+        raw = query(policy.query_name)
+        if raw is None:
+            return KeyProblem("missing", f"send the {policy.query_name} query parameter")
+        return _validate(raw, f"the {policy.query_name} query parameter")
+    return _key_from_body(policy.pointer, body)
+
+
+def _unquote_sf_string(raw: str) -> str | None:
+    """RFC 8941 sf-string ``"abc"`` -> ``abc``; a bare token stays as it is; None if malformed."""
+    if not raw.startswith('"'):
+        return raw
+    if len(raw) < 2 or not raw.endswith('"'):
+        return None
+    out: list[str] = []
+    chars = iter(raw[1:-1])
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, None)
+            if escaped not in ('"', "\\"):
+                return None
+            out.append(escaped)
+        elif char == '"':
+            return None
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _validate(key: str | None, where: str) -> str | KeyProblem:
+    if key is None:
+        return KeyProblem("invalid", f"{where} is not a valid structured-field string")
+    if not key:
+        return KeyProblem("invalid", f"{where} is empty")
+    if len(key) > MAX_KEY_LENGTH:
+        return KeyProblem("invalid", f"{where} is longer than {MAX_KEY_LENGTH} characters")
+    if not all("\x21" <= char <= "\x7e" for char in key):
+        return KeyProblem("invalid", f"{where} has characters outside visible ASCII (0x21-0x7E)")
+    return key
+
+
+def _key_from_body(pointer: str, body: bytes) -> str | KeyProblem:
+    where = f"the body field {pointer}"
+    try:
+        document = msgspec.json.decode(body) if body else None
+    except (msgspec.DecodeError, RecursionError):
+        return KeyProblem("missing", f"the body is not JSON, so {where} cannot be read")
+    value: object = document
+    for token in pointer.split("/")[1:]:
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(value, dict) and token in value:
+            value = value[token]
+        elif isinstance(value, list) and token.isdigit() and int(token) < len(value):
+            value = value[int(token)]
+        else:
+            return KeyProblem("missing", f"send {where}")
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return KeyProblem("invalid", f"{where} must be a string or an integer")
+    return _validate(str(value), where)
+
+
+def _length_prefixed(parts: Iterable[bytes]) -> bytes:
+    """Join parts so that no two different part lists give the same bytes."""
+    return b"".join(len(part).to_bytes(8, "big") + part for part in parts)
+
+
+def store_key(prefix: str, scope_values: Iterable[str], key: str) -> str:
+    """prefix + sha256 over the credential values and the key; the route is not part of it."""
+    parts = [value.encode("utf-8", "surrogateescape") for value in scope_values]
+    parts.append(key.encode())
+    return prefix + hashlib.sha256(_length_prefixed(parts)).hexdigest()
+
+
+def canonical_body(body: bytes) -> bytes:
+    """JSON compared by value: key order and spacing do not matter. Non-JSON stays as sent.
+
+    The first byte tags which form follows, so a raw body can never equal a canonical one.
+    """
+    stripped = body.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        try:
+            return b"J" + msgspec.json.encode(msgspec.json.decode(body), order="sorted")
+        except (msgspec.DecodeError, msgspec.EncodeError, RecursionError, ValueError, TypeError):
+            pass
+    return b"R" + body
+
+
+def fingerprint(
+    policy: FingerprintPolicy,
+    method: str,
+    path: str,
+    query: str,
+    headers: Callable[[str], list[str]],
+    body: bytes,
+) -> str:
+    include = policy.include
+    parts = [
+        method.encode() if "method" in include else b"",
+        path.encode("utf-8", "surrogateescape") if "path" in include else b"",
+        query.encode("utf-8", "surrogateescape") if "query" in include else b"",
+    ]
+    if "body" in include:
+        parts.append(canonical_body(body) if policy.json_canonical else body)
+    else:
+        parts.append(b"")
+    for name in policy.headers:
+        values = headers(name)
+        parts.append(name.encode() + b":" + "\n".join(values).encode("latin-1", "replace"))
+    return hashlib.sha256(_length_prefixed(parts)).hexdigest()

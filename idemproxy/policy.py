@@ -1,0 +1,77 @@
+"""Route matching: patterns are compiled once at load; matching is pure and allocation-light.
+
+Pattern language: literal segments, ``{name}`` for exactly one segment, ``**`` as the last
+segment for zero or more segments. Empty segments are ignored on both sides, so ``/orders/``
+and ``//orders`` match ``/orders``: a stray slash must not slip past a keyed route.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from idemproxy.config import RoutePolicy
+
+_PARAM = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+def check_pattern(pattern: str) -> str | None:
+    """Return what is wrong with a path pattern, or None when it is valid."""
+    if not pattern.startswith("/"):
+        return f"path pattern {pattern!r} must start with /"
+    segments = _segments(pattern)
+    names: set[str] = set()
+    for i, segment in enumerate(segments):
+        if segment == "**":
+            if i != len(segments) - 1:
+                return f"in {pattern!r}: ** is only allowed as the last segment"
+            continue
+        if "{" in segment or "}" in segment:
+            if not _PARAM.match(segment):
+                return f"in {pattern!r}: {segment!r} is not a {{name}} placeholder (whole segment)"
+            if segment in names:
+                return f"in {pattern!r}: placeholder {segment} appears twice"
+            names.add(segment)
+        elif "*" in segment:
+            return f"in {pattern!r}: * is only allowed as a whole ** last segment"
+    return None
+
+
+def _segments(path: str) -> list[str]:
+    return [segment for segment in path.split("/") if segment]
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRoute:
+    route: RoutePolicy
+    # None stands for a {name} placeholder
+    segments: tuple[str | None, ...]
+    open_ended: bool
+
+    def matches(self, segments: list[str]) -> bool:
+        fixed = self.segments
+        if len(segments) < len(fixed) or (not self.open_ended and len(segments) != len(fixed)):
+            return False
+        return all(want is None or want == got for want, got in zip(fixed, segments, strict=False))
+
+
+class Policy:
+    """The ordered routes of one config; the first route that matches wins."""
+
+    def __init__(self, routes: tuple[RoutePolicy, ...]) -> None:
+        compiled = []
+        for route in routes:
+            segments = _segments(route.path)
+            open_ended = bool(segments) and segments[-1] == "**"
+            if open_ended:
+                segments = segments[:-1]
+            fixed = tuple(None if s.startswith("{") else s for s in segments)
+            compiled.append(_CompiledRoute(route, fixed, open_ended))
+        self._routes = tuple(compiled)
+
+    def match(self, method: str, path: str) -> RoutePolicy | None:
+        segments = _segments(path)
+        for compiled in self._routes:
+            if method in compiled.route.methods and compiled.matches(segments):
+                return compiled.route
+        return None

@@ -1,0 +1,19 @@
+"""Stores keep one record per scoped key. ``open_store`` picks the implementation by URL."""
+
+from __future__ import annotations
+
+from idemproxy.config import StoreConfig
+from idemproxy.store.base import Store
+
+
+def open_store(config: StoreConfig) -> Store:
+    if config.url == "memory://":
+        from idemproxy.store.memory import MemoryStore
+
+        return MemoryStore()
+    from idemproxy.store.redis import RedisStore
+
+    return RedisStore(config.url)
+
+
+__all__ = ["Store", "open_store"]

@@ -1,0 +1,122 @@
+"""The embedded default store: one process, nothing shared, nothing kept across restarts.
+
+Expiry is lazy plus a heap: each call first drops the entries whose deadline has passed, so
+memory follows the live keys without a sweeper task. Every method runs without an await, which
+on one event loop makes each state change atomic.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass
+
+from idemproxy.records import COMPLETED, IN_FLIGHT, UNREPLAYABLE, Record, StoredResponse
+
+
+@dataclass(slots=True)
+class _Entry:
+    state: str
+    fingerprint: str
+    token: str
+    created_at: float
+    deadline: float  # time.monotonic()
+    response: StoredResponse | None = None
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._deadlines: list[tuple[float, str]] = []
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry.deadline <= now:
+                del self._entries[key]
+
+    def _live(self, key: str) -> _Entry | None:
+        self._expire()
+        return self._entries.get(key)
+
+    def _set_deadline(self, key: str, entry: _Entry, seconds: float) -> None:
+        entry.deadline = time.monotonic() + seconds
+        heapq.heappush(self._deadlines, (entry.deadline, key))
+
+    async def acquire(
+        self, key: str, fingerprint: str, token: str, lock_ttl: float
+    ) -> Record | None:
+        entry = self._live(key)
+        if entry is None:
+            entry = _Entry(IN_FLIGHT, fingerprint, token, time.time(), 0.0)
+            self._entries[key] = entry
+            self._set_deadline(key, entry, lock_ttl)
+            return None
+        if entry.state == IN_FLIGHT and entry.token == token:
+            return None
+        same = entry.state == COMPLETED and entry.fingerprint == fingerprint
+        return Record(
+            entry.state,
+            entry.fingerprint,
+            entry.token,
+            entry.created_at,
+            entry.response if same else None,
+        )
+
+    async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
+        entry = self._live(key)
+        if entry is None or entry.state != IN_FLIGHT or entry.token != token:
+            return False
+        self._set_deadline(key, entry, lock_ttl)
+        return True
+
+    async def complete(
+        self, key: str, token: str, response: StoredResponse | None, ttl: float
+    ) -> bool:
+        entry = self._live(key)
+        if entry is None or entry.token != token:
+            return False
+        state = COMPLETED if response is not None else UNREPLAYABLE
+        if entry.state != IN_FLIGHT:
+            return entry.state == state  # a retried completion
+        entry.state = state
+        entry.response = response
+        self._set_deadline(key, entry, ttl)
+        return True
+
+    async def release(self, key: str, token: str) -> bool:
+        entry = self._live(key)
+        if entry is None or entry.state != IN_FLIGHT or entry.token != token:
+            return False
+        del self._entries[key]
+        return True
+
+    async def get(self, key: str) -> Record | None:
+        entry = self._live(key)
+        if entry is None:
+            return None
+        return Record(
+            entry.state,
+            entry.fingerprint,
+            entry.token,
+            entry.created_at,
+            entry.response,
+            max(0.0, entry.deadline - time.monotonic()),
+        )
+
+    async def delete(self, key: str) -> bool:
+        return self._live(key) is not None and self._entries.pop(key, None) is not None
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self._deadlines.clear()
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._entries)

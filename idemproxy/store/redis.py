@@ -1,0 +1,183 @@
+"""Redis store (standalone). One Lua script per state change, each touching exactly one key.
+
+A record is a hash: ``s`` state, ``f`` fingerprint, ``t`` lease token, ``c`` creation time (ms),
+``r`` the msgpack-encoded response. Value and expiry are always written by the same script, so no
+reader ever sees a record without its TTL. Because each script names one key, the same scripts
+run unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from idemproxy.errors import StoreUnavailable
+from idemproxy.records import (
+    COMPLETED,
+    IN_FLIGHT,
+    UNREPLAYABLE,
+    Record,
+    StoredResponse,
+    decode_response,
+    encode_response,
+)
+
+# How long one store call may take before the request is answered as "store unavailable".
+STORE_TIMEOUT = 2.0
+
+_STATE_CODES = {"i": IN_FLIGHT, "c": COMPLETED, "u": UNREPLAYABLE}
+
+# ARGV: fingerprint, token, lock_ttl_ms, now_ms.
+# Returns 1 when the caller now holds the lease, else {state, fingerprint, token, created, resp}
+# where resp is only filled for a completed record with the same fingerprint.
+ACQUIRE = """
+local cur = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'c')
+if not cur[1] then
+  redis.call('HSET', KEYS[1], 's', 'i', 'f', ARGV[1], 't', ARGV[2], 'c', ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+if cur[1] == 'i' and cur[3] == ARGV[2] then
+  return 1
+end
+local resp = ''
+if cur[1] == 'c' and cur[2] == ARGV[1] then
+  resp = redis.call('HGET', KEYS[1], 'r')
+end
+return {cur[1], cur[2], cur[3], cur[4], resp}
+"""
+
+# ARGV: token, lock_ttl_ms
+RENEW = """
+local cur = redis.call('HMGET', KEYS[1], 's', 't')
+if cur[1] == 'i' and cur[2] == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# ARGV: token, new state ('c' or 'u'), encoded response, ttl_ms
+COMPLETE = """
+local cur = redis.call('HMGET', KEYS[1], 's', 't')
+if cur[2] ~= ARGV[1] then
+  return 0
+end
+if cur[1] == 'i' then
+  redis.call('HSET', KEYS[1], 's', ARGV[2], 'r', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return 1
+end
+if cur[1] == ARGV[2] then
+  return 1
+end
+return 0
+"""
+
+# ARGV: token
+RELEASE = """
+local cur = redis.call('HMGET', KEYS[1], 's', 't')
+if cur[1] == 'i' and cur[2] == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+GET = """
+local cur = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'c', 'r')
+if not cur[1] then
+  return 0
+end
+return {cur[1], cur[2], cur[3], cur[4], cur[5] or '', redis.call('PTTL', KEYS[1])}
+"""
+
+T = TypeVar("T")
+ScriptArg = bytes | str | int
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class RedisStore:
+    def __init__(self, url: str) -> None:
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=STORE_TIMEOUT,
+            socket_connect_timeout=STORE_TIMEOUT,
+            # One quick retry rides over a dropped pooled connection; every script is safe to
+            # run twice because a retried call with the same token is recognised.
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+        )
+        self._acquire = self._redis.register_script(ACQUIRE)
+        self._renew = self._redis.register_script(RENEW)
+        self._complete = self._redis.register_script(COMPLETE)
+        self._release = self._redis.register_script(RELEASE)
+        self._get = self._redis.register_script(GET)
+
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await operation()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def acquire(
+        self, key: str, fingerprint: str, token: str, lock_ttl: float
+    ) -> Record | None:
+        args: list[ScriptArg] = [fingerprint, token, _ms(lock_ttl), int(time.time() * 1000)]
+        result: Any = await self._call(lambda: self._acquire(keys=[key], args=args))
+        if result == 1:
+            return None
+        state, fp, holder, created, resp = result
+        return Record(
+            _STATE_CODES[state.decode()],
+            fp.decode(),
+            holder.decode(),
+            int(created) / 1000,
+            decode_response(resp) if resp else None,
+        )
+
+    async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
+        args: list[ScriptArg] = [token, _ms(lock_ttl)]
+        return bool(await self._call(lambda: self._renew(keys=[key], args=args)))
+
+    async def complete(
+        self, key: str, token: str, response: StoredResponse | None, ttl: float
+    ) -> bool:
+        state, data = ("c", encode_response(response)) if response is not None else ("u", b"")
+        args: list[ScriptArg] = [token, state, data, _ms(ttl)]
+        return bool(await self._call(lambda: self._complete(keys=[key], args=args)))
+
+    async def release(self, key: str, token: str) -> bool:
+        return bool(await self._call(lambda: self._release(keys=[key], args=[token])))
+
+    async def get(self, key: str) -> Record | None:
+        result: Any = await self._call(lambda: self._get(keys=[key]))
+        if result == 0:
+            return None
+        state, fp, holder, created, resp, pttl = result
+        return Record(
+            _STATE_CODES[state.decode()],
+            fp.decode(),
+            holder.decode(),
+            int(created) / 1000,
+            decode_response(resp) if resp else None,
+            max(0, int(pttl)) / 1000,
+        )
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self._call(lambda: self._redis.delete(key)))
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
