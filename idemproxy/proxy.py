@@ -22,7 +22,13 @@ from idemproxy.keys import KeyProblem, extract_key, fingerprint, store_key
 from idemproxy.policy import Policy
 from idemproxy.records import StoredResponse
 from idemproxy.store import Store
-from idemproxy.upstream import Exchange, Upstream, UpstreamFailure
+from idemproxy.upstream import (
+    Exchange,
+    Upstream,
+    UpstreamFailure,
+    VerbatimResponse,
+    VerbatimStreamResponse,
+)
 
 log = logging.getLogger("idemproxy")
 
@@ -252,7 +258,7 @@ def _too_large(limit: int) -> ProblemError:
 
 
 def _buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.Response:
-    response = web.Response(status=status)
+    response = VerbatimResponse(status=status)
     for name, value in headers:
         response.headers.add(name, value)
     response.body = body
@@ -270,7 +276,7 @@ async def _stream_rest(request: web.BaseRequest, exchange: Exchange) -> web.Stre
     assert exchange.pending is not None
     upstream = exchange.pending
     try:
-        response = web.StreamResponse(status=exchange.status, reason=exchange.reason)
+        response = VerbatimStreamResponse(status=exchange.status, reason=exchange.reason)
         for name, value in exchange.headers:
             response.headers.add(name, value)
         await response.prepare(request)

@@ -16,7 +16,7 @@ import asyncio
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -63,6 +63,33 @@ def end_to_end(raw_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, 
         if name.lower() == "connection":
             dropped.update(token.strip().lower() for token in value.split(","))
     return [(name, value) for name, value in pairs if name.lower() not in dropped]
+
+
+_FILLED_IN = (hdrs.CONTENT_TYPE, hdrs.SERVER)
+
+
+class VerbatimResponse(web.Response):
+    """A response that carries the upstream's headers as they were.
+
+    aiohttp fills in ``Content-Type: application/octet-stream`` and its own ``Server`` when a
+    response lacks them; a proxy must not, so those are taken out again when they were added.
+    """
+
+    async def _prepare_headers(self) -> None:
+        added = [name for name in _FILLED_IN if name not in self.headers]
+        await super()._prepare_headers()
+        for name in added:
+            self.headers.popall(name, None)
+
+
+class VerbatimStreamResponse(web.StreamResponse):
+    """The streaming twin of ``VerbatimResponse``."""
+
+    async def _prepare_headers(self) -> None:
+        added = [name for name in _FILLED_IN if name not in self.headers]
+        await super()._prepare_headers()
+        for name in added:
+            self.headers.popall(name, None)
 
 
 @dataclass(slots=True)
@@ -205,7 +232,7 @@ class Upstream:
             code = "upstream_timeout" if timed_out else "upstream_unavailable"
             return ProblemError(code, "the upstream did not answer").response()
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response = VerbatimStreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in end_to_end(upstream.raw_headers):
                 response.headers.add(name, value)
             await response.prepare(request)
