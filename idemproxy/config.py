@@ -144,11 +144,12 @@ class PolicyDocument:
 
 @dataclass(frozen=True, slots=True)
 class KeyPolicy:
-    source: Literal["header", "body", "query"]
-    header: str
+    source: KeySource
+    header: str  # with from: fingerprint, the header whose key wins over the derived one
     pointer: str
     query_name: str
     required: bool
+    window: float  # from: fingerprint only: how long a derived key is remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +176,11 @@ class RoutePolicy:
     ambiguous: Ambiguous
     max_request_body: int
     max_stored_response: int
+    # A duplicate of a derived (from: fingerprint) key waits unless concurrency was written.
+    derived_concurrency: Concurrency = "wait"
+    require_if_match: bool = False
+    etag_from_get: bool = False
+    replay_status: int | None = None  # replays of a 201 are answered with this status
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +224,7 @@ BUILTIN_DEFAULTS = PolicyFile(
     max_request_body=1024 * 1024,
     max_stored_response=1024 * 1024,
 )
+DEFAULT_WINDOW = 10.0
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
 
@@ -431,12 +438,16 @@ class _Resolver:
     def __init__(self, builder: _Builder) -> None:
         self.b = builder
 
-    def route(self, defaults: PolicyFile, route: RouteFile, path: str) -> RoutePolicy | None:
+    def route(
+        self, defaults: PolicyFile, route: RouteFile, path: str, concurrency_written: bool
+    ) -> RoutePolicy | None:
         merged: PolicyFile = _merge(defaults, route)
         before = len(self.b.problems)
         where = {name: f"{path}.{name}" for name in ("key", "scope", "match")}
-        self.unsupported(route, path)
         key = self.key(merged.key or KeyFile(), route.key, where["key"])
+        replay_status = merged.replay.status if merged.replay is not None else None
+        if merged.replay is not None and (replay_status is None or not 200 <= replay_status <= 299):
+            self.b.problem(f"{path}.replay.status", "replay.status must be a 2xx status")
         scope = self.scope(merged.scope or [], where["scope"])
         fingerprint = self.fingerprint(merged.fingerprint or FingerprintFile(), path)
         statuses = merged.release_statuses or []
@@ -470,31 +481,28 @@ class _Resolver:
             ambiguous=merged.ambiguous,
             max_request_body=merged.max_request_body,
             max_stored_response=merged.max_stored_response,
+            derived_concurrency=merged.concurrency if concurrency_written else "wait",
+            require_if_match=bool(merged.require_if_match),
+            etag_from_get=bool(merged.etag_from_get),
+            replay_status=replay_status,
         )
-
-    def unsupported(self, written: PolicyFile, path: str) -> None:
-        """Fields of features that are not built yet must not be accepted and ignored."""
-        for name in ("require_if_match", "etag_from_get"):
-            if getattr(written, name):
-                self.b.problem(f"{path}.{name}", f"{NOT_SUPPORTED}: remove it or set false")
-        if written.replay is not None:
-            self.b.problem(f"{path}.replay", f"{NOT_SUPPORTED}: replays are byte for byte")
 
     def key(self, merged: KeyFile, written: KeyFile | None, path: str) -> KeyPolicy | None:
         source = merged.from_ or "header"
-        if source == "fingerprint":
-            self.b.problem(f"{path}.from", f"from: fingerprint is {NOT_SUPPORTED}")
-            return None
-        if merged.window is not None:
-            self.b.problem(f"{path}.window", f"{NOT_SUPPORTED} (it belongs to from: fingerprint)")
         # Only a route's own key block can be inconsistent; defaults may carry a header name.
         mine = written or KeyFile()
         if source != "body" and merged.pointer is not None:
             self.b.problem(f"{path}.pointer", "pointer is only used with from: body")
         if source != "query" and merged.name is not None:
             self.b.problem(f"{path}.name", "name is only used with from: query")
-        if source != "header" and mine.header is not None:
+        if source not in ("header", "fingerprint") and mine.header is not None:
             self.b.problem(f"{path}.header", f"header is not used with from: {source}")
+        if source != "fingerprint" and merged.window is not None:
+            self.b.problem(f"{path}.window", "window is only used with from: fingerprint")
+        if source == "fingerprint" and merged.required:
+            self.b.problem(
+                f"{path}.required", "a from: fingerprint key is never missing; remove required"
+            )
         header = merged.header or "Idempotency-Key"
         if not is_token(header):
             self.b.problem(f"{path}.header", f"{header!r} is not a valid header name")
@@ -512,6 +520,7 @@ class _Resolver:
             pointer=pointer or "",
             query_name=merged.name or "",
             required=bool(merged.required),
+            window=merged.window or DEFAULT_WINDOW,
         )
 
     def scope(self, entries: list[str], path: str) -> list[str]:
@@ -604,14 +613,14 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
 
     defaults = _merge(BUILTIN_DEFAULTS, doc.defaults)
     resolver = _Resolver(b)
-    if doc.defaults is not None:
-        resolver.unsupported(doc.defaults, "defaults")
+    defaults_concurrency = doc.defaults is not None and doc.defaults.concurrency is not None
     routes_file = doc.routes
     if routes_file is None:  # SPEC: with no routes, POST and PATCH on every path are keyed
         routes_file = [RouteFile(name="default", match=MatchFile(path="/**"))]
     routes = []
     for i, route in enumerate(routes_file):
-        resolved = resolver.route(defaults, route, f"routes[{i}]")
+        written = defaults_concurrency or route.concurrency is not None
+        resolved = resolver.route(defaults, route, f"routes[{i}]", written)
         if resolved is not None:
             routes.append(resolved)
     return Config(

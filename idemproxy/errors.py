@@ -61,6 +61,8 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "upstream_unavailable": (502, "Upstream unavailable"),
     "upstream_timeout": (504, "Upstream timeout"),
     "store_unavailable": (503, "Store unavailable"),
+    "precondition_required": (428, "Precondition required"),
+    "precondition_failed": (412, "Precondition failed"),
 }
 
 

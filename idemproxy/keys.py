@@ -32,7 +32,7 @@ def extract_key(
     query: Callable[[str], str | None],
     body: bytes,
 ) -> str | KeyProblem:
-    if policy.source == "header":
+    if policy.source in ("header", "fingerprint"):  # a client's key wins over a derived one
         raw = header(policy.header)
         if raw is None:
             return KeyProblem("missing", f"send the {policy.header} header")
@@ -96,6 +96,25 @@ def _key_from_body(pointer: str, body: bytes) -> str | KeyProblem:
     if isinstance(value, bool) or not isinstance(value, str | int):
         return KeyProblem("invalid", f"{where} must be a string or an integer")
     return _validate(str(value), where)
+
+
+def derived_key(request_fingerprint: str) -> str:
+    """The key of a ``from: fingerprint`` route for a request that sent none.
+
+    It starts with a NUL, which no valid client key can contain, so the two never collide.
+    """
+    return "\x00fingerprint:" + request_fingerprint
+
+
+def if_match_allows(if_match: str, current_etag: str | None) -> bool:
+    """RFC 9110 If-Match with strong comparison; ``current_etag`` None: no current resource."""
+    if current_etag is None:
+        return False
+    if if_match.strip() == "*":
+        return True
+    if current_etag.startswith("W/"):
+        return False  # a weak ETag never matches strongly
+    return any(tag.strip() == current_etag for tag in if_match.split(","))
 
 
 def _length_prefixed(parts: Iterable[bytes]) -> bytes:

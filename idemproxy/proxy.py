@@ -11,14 +11,21 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from idemproxy import engine
-from idemproxy.config import RoutePolicy
+from idemproxy.config import Concurrency, RoutePolicy
 from idemproxy.engine import Existing
 from idemproxy.errors import ProblemError, StoreUnavailable
-from idemproxy.keys import KeyProblem, extract_key, fingerprint, store_key
+from idemproxy.keys import (
+    derived_key,
+    extract_key,
+    fingerprint,
+    if_match_allows,
+    store_key,
+)
 from idemproxy.policy import Policy
 from idemproxy.records import StoredResponse
 from idemproxy.store import Store
@@ -37,6 +44,18 @@ _FIRST_POLL = 0.01
 _MAX_POLL = 0.2
 
 
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """One keyed request's claim on its store key."""
+
+    route: RoutePolicy
+    key: str  # the scoped store key
+    fingerprint: str
+    token: str
+    ttl: float  # how long the completed record is kept
+    concurrency: Concurrency
+
+
 class KeyedProxy:
     """Everything one request needs: the policy, the store and the upstream."""
 
@@ -52,9 +71,16 @@ class KeyedProxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         route = self.policy.match(request.method, request.path)
-        if route is None or not route.keyed:
+        if route is None:
             return await self._passthrough(request)
         try:
+            if route.require_if_match and hdrs.IF_MATCH not in request.headers:
+                raise ProblemError(
+                    "precondition_required", "send If-Match with the ETag you last read"
+                )
+            if not route.keyed:
+                await self._check_etag(request, route)
+                return await self._passthrough(request)
             return await self._keyed(request, route)
         except ProblemError as problem:
             return problem.response()
@@ -66,28 +92,38 @@ class KeyedProxy:
             return await self.upstream.websocket(request)
         return await self.upstream.stream(request, body)
 
-    async def _keyed(self, request: web.BaseRequest, route: RoutePolicy) -> web.StreamResponse:
-        body = b""
-        if route.key.source != "body":
-            key = extract_key(route.key, request.headers.get, request.query.get, b"")
-            if isinstance(key, KeyProblem):
-                refusal = engine.on_key_problem(route, key)
-                if refusal is None:
-                    return await self._passthrough(request)
-                raise ProblemError(refusal.code, key.detail)
-            body = await _read_body(request, route.max_request_body)
-        else:
-            body = await _read_body(request, route.max_request_body)
-            key = extract_key(route.key, request.headers.get, request.query.get, body)
-            if isinstance(key, KeyProblem):
-                refusal = engine.on_key_problem(route, key)
-                if refusal is None:
-                    return await self._passthrough(request, body)
-                raise ProblemError(refusal.code, key.detail)
+    async def _check_etag(self, request: web.BaseRequest, route: RoutePolicy) -> None:
+        """``etag_from_get``: 412 unless If-Match names the resource's current ETag."""
+        if_match = request.headers.get(hdrs.IF_MATCH)
+        if not route.etag_from_get or if_match is None:
+            return
+        try:
+            status, etag = await self.upstream.current_etag(request)
+        except UpstreamFailure as failure:
+            raise ProblemError("upstream_unavailable", f"upstream: {failure}") from failure
+        if status >= 500:
+            raise ProblemError("upstream_unavailable", f"the GET for the ETag answered {status}")
+        if not if_match_allows(if_match, etag if 200 <= status <= 299 else None):
+            raise ProblemError(
+                "precondition_failed", "If-Match does not match the resource's current ETag"
+            )
 
-        scoped = store_key(
-            self.key_prefix, (request.headers.get(h, "") for h in route.scope_headers), key
-        )
+    async def _keyed(self, request: web.BaseRequest, route: RoutePolicy) -> web.StreamResponse:
+        body = None
+        if route.key.source == "body":
+            body = await _read_body(request, route.max_request_body)
+        found = extract_key(route.key, request.headers.get, request.query.get, body or b"")
+        client_key: str | None = None  # None: derive the key from the fingerprint
+        if isinstance(found, str):
+            client_key = found
+        elif found.kind != "missing" or route.key.source != "fingerprint":
+            refusal = engine.on_key_problem(route, found)
+            if refusal is None:
+                await self._check_etag(request, route)
+                return await self._passthrough(request, body)
+            raise ProblemError(refusal.code, found.detail)
+        if body is None:
+            body = await _read_body(request, route.max_request_body)
         print_ = fingerprint(
             route.fingerprint,
             request.method,
@@ -96,30 +132,40 @@ class KeyedProxy:
             request.headers.getall,
             body,
         )
-        token = secrets.token_hex(16)
+        scope_values = [request.headers.get(h, "") for h in route.scope_headers]
+        derived = client_key is None
+        key = derived_key(print_) if client_key is None else client_key
+        lease = _Lease(
+            route=route,
+            key=store_key(self.key_prefix, scope_values, key),
+            fingerprint=print_,
+            token=secrets.token_hex(16),
+            ttl=route.key.window if derived else route.ttl,
+            concurrency=route.derived_concurrency if derived else route.concurrency,
+        )
         try:
-            holds = await self._claim(route, scoped, print_, token)
+            answer = await self._claim(lease)
         except StoreUnavailable as exc:
             return await self._store_down(request, body, exc)
-        if isinstance(holds, web.StreamResponse):
-            return holds
-        return await self._forward_holding_lease(request, route, scoped, token, body)
+        if answer is not None:
+            return answer
+        return await self._forward_holding_lease(request, lease, body)
 
-    async def _claim(
-        self, route: RoutePolicy, scoped: str, print_: str, token: str
-    ) -> web.StreamResponse | None:
+    async def _claim(self, lease: _Lease) -> web.StreamResponse | None:
         """Take the lease (None), or answer from the record someone else made."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + route.wait_timeout
+        deadline = loop.time() + lease.route.wait_timeout
         delay = _FIRST_POLL
         while True:
-            existing = await self.store.acquire(scoped, print_, token, route.lock_ttl)
+            existing = await self.store.acquire(
+                lease.key, lease.fingerprint, lease.token, lease.route.lock_ttl
+            )
             if existing is None:
                 return None
-            verdict = engine.classify(existing, print_)
+            verdict = engine.classify(existing, lease.fingerprint)
             if verdict is Existing.REPLAY:
                 assert existing.response is not None
-                return replay(existing.response)
+                return replay(existing.response, lease.route.replay_status)
             if verdict is Existing.MISMATCH:
                 raise ProblemError(
                     "idempotency_key_reused",
@@ -130,7 +176,7 @@ class KeyedProxy:
                     "response_not_replayable",
                     "the request ran, but its response was too large to keep for replay",
                 )
-            if route.concurrency == "reject" or loop.time() + delay > deadline:
+            if lease.concurrency == "reject" or loop.time() + delay > deadline:
                 raise ProblemError(
                     "request_in_progress",
                     "a request with this idempotency key is still being processed",
@@ -149,58 +195,57 @@ class KeyedProxy:
         raise ProblemError("store_unavailable", "the idempotency store is unavailable", 1)
 
     async def _forward_holding_lease(
-        self, request: web.BaseRequest, route: RoutePolicy, scoped: str, token: str, body: bytes
+        self, request: web.BaseRequest, lease: _Lease, body: bytes
     ) -> web.StreamResponse:
         self.in_flight_leases += 1
         try:
-            async with self._renewing(scoped, token, route.lock_ttl):
+            try:
+                await self._check_etag(request, lease.route)
+            except ProblemError:
+                await self._settle(lease, None, release=True)  # nothing ran
+                raise
+            async with self._renewing(lease):
                 try:
                     exchange = await self.upstream.exchange(
-                        request, body, route.max_stored_response
+                        request, body, lease.route.max_stored_response
                     )
                 except UpstreamFailure as failure:
-                    return await self._failed(route, scoped, token, failure)
+                    return await self._failed(lease, failure)
                 except asyncio.CancelledError:
                     # Shutdown or a lost client while the request may have been sent: the
                     # outcome is unknown, so it is settled like any other ambiguous failure.
                     cancelled = UpstreamFailure("broken", "cancelled while waiting for upstream")
-                    await asyncio.shield(self._failed(route, scoped, token, cancelled))
+                    await asyncio.shield(self._failed(lease, cancelled))
                     raise
             if not exchange.complete:
-                await self._settle(scoped, token, None, route.ttl)
+                await self._settle(lease, None, release=False)
                 return await _stream_rest(request, exchange)
-            if engine.after_response(route, exchange.status) == "release":
-                await self._settle(scoped, token, None, None)
-                return _buffered(exchange.status, exchange.headers, exchange.body)
+            release = engine.after_response(lease.route, exchange.status) == "release"
             stored = StoredResponse(exchange.status, exchange.headers, exchange.body)
-            await self._settle(scoped, token, stored, route.ttl)
+            await self._settle(lease, stored, release=release)
             return _buffered(exchange.status, exchange.headers, exchange.body)
         finally:
             self.in_flight_leases -= 1
 
-    async def _failed(
-        self, route: RoutePolicy, scoped: str, token: str, failure: UpstreamFailure
-    ) -> web.StreamResponse:
-        code, disposition = engine.after_failure(route, failure.kind)
+    async def _failed(self, lease: _Lease, failure: UpstreamFailure) -> web.StreamResponse:
+        code, disposition = engine.after_failure(lease.route, failure.kind)
         problem = ProblemError(code, f"upstream: {failure}")
         log.warning("upstream failure (%s): %s", failure.kind, failure)
-        if disposition == "store":
-            stored = StoredResponse(problem.status, problem.headers(), problem.body())
-            await self._settle(scoped, token, stored, route.ttl)
-        else:
-            await self._settle(scoped, token, None, None)
+        stored = StoredResponse(problem.status, problem.headers(), problem.body())
+        await self._settle(lease, stored, release=disposition == "release")
         return problem.response()
 
-    async def _settle(
-        self, scoped: str, token: str, response: StoredResponse | None, ttl: float | None
-    ) -> None:
-        """Complete (``ttl`` given) or release the lease. The client gets its answer regardless:
-        a store error here only means the lease expires on its own after ``lock_ttl``."""
+    async def _settle(self, lease: _Lease, response: StoredResponse | None, release: bool) -> None:
+        """Release the lease, or complete it with ``response`` (None: not replayable).
+
+        The client gets its answer regardless: a store error here only means the lease
+        expires on its own after ``lock_ttl``.
+        """
         try:
-            if ttl is None:
-                settled = await self.store.release(scoped, token)
+            if release:
+                settled = await self.store.release(lease.key, lease.token)
             else:
-                settled = await self.store.complete(scoped, token, response, ttl)
+                settled = await self.store.complete(lease.key, lease.token, response, lease.ttl)
         except StoreUnavailable as exc:
             log.warning("store unavailable when settling a lease: %s", exc)
             return
@@ -208,14 +253,15 @@ class KeyedProxy:
             log.warning("lease was lost before the response could be recorded")
 
     @contextlib.asynccontextmanager
-    async def _renewing(self, scoped: str, token: str, lock_ttl: float) -> AsyncIterator[None]:
+    async def _renewing(self, lease: _Lease) -> AsyncIterator[None]:
         """Keep the lease alive while the upstream call runs."""
+        lock_ttl = lease.route.lock_ttl
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(lock_ttl / 3)
                 try:
-                    if not await self.store.renew(scoped, token, lock_ttl):
+                    if not await self.store.renew(lease.key, lease.token, lock_ttl):
                         log.warning("lease lost while the upstream call was running")
                         return
                 except StoreUnavailable as exc:
@@ -265,8 +311,12 @@ def _buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.R
     return response
 
 
-def replay(stored: StoredResponse) -> web.Response:
-    response = _buffered(stored.status, stored.headers, stored.body)
+def replay(stored: StoredResponse, status_for_created: int | None = None) -> web.Response:
+    """The stored answer plus ``Idempotent-Replayed``; a 201 may be re-labelled (``replay``)."""
+    status = stored.status
+    if status == 201 and status_for_created is not None:
+        status = status_for_created
+    response = _buffered(status, stored.headers, stored.body)
     response.headers.add(*REPLAYED_HEADER)
     return response
 

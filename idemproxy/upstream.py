@@ -208,6 +208,23 @@ class Upstream:
             pending=None,
         )
 
+    async def current_etag(self, request: web.BaseRequest) -> tuple[int, str | None]:
+        """GET the resource a write is about: its status and ETag (``etag_from_get``)."""
+        headers = self.request_headers(request, drop_length=True)
+        for name in (hdrs.IF_MATCH, hdrs.IF_NONE_MATCH, hdrs.CONTENT_TYPE, hdrs.CONTENT_ENCODING):
+            headers.popall(name, None)
+        try:
+            async with self.session.get(
+                self.url(request),
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._keyed_timeout,
+            ) as response:
+                await response.read()
+                return response.status, response.headers.get(hdrs.ETAG)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamFailure("connect", f"the GET for the ETag failed: {exc}") from exc
+
     async def stream(
         self, request: web.BaseRequest, body: bytes | None = None
     ) -> web.StreamResponse:
