@@ -264,11 +264,22 @@ class _Reader:
             self.loader.dispose()
         if node is None:
             return {}
-        return self._value(node, "")
+        value = self._value(node, "")
+        return {} if value is None else value  # a document of just "---" or "~" is empty
 
     def _value(self, node: yaml.Node, path: str) -> object:
         self.lines.setdefault(path, node.start_mark.line + 1)
+        try:
+            return self._construct(node, path)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or node.start_mark
+            problem = getattr(exc, "problem", None) or str(exc)
+            self.problems.append(ConfigProblem(path, f"not valid here: {problem}", mark.line + 1))
+            return None
+
+    def _construct(self, node: yaml.Node, path: str) -> object:
         if isinstance(node, yaml.MappingNode):
+            self.loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
             result: dict[str, object] = {}
             for key_node, value_node in node.value:
                 key = self.loader.construct_object(key_node)
@@ -392,6 +403,8 @@ class _Builder:
         for name, raw in value.items():
             child = f"{path}.{name}" if path else str(name)
             spec = by_yaml_name.get(name)
+            if spec is None and not path and str(name).startswith("x-"):
+                continue  # top-level x-* fields hold YAML anchors for reuse, as in Compose files
             if spec is None:
                 known = ", ".join(sorted(by_yaml_name))
                 self.problem(child, f"unknown field (known fields: {known})")
@@ -435,27 +448,41 @@ _JSON_POINTER = re.compile(r"^(/([^~/]|~[01])*)*$")
 
 
 class _Resolver:
+    """Checks merged policies. A problem is reported where it was written: a field inherited
+    from ``defaults`` is checked (and reported) once, at ``defaults``, not again per route."""
+
     def __init__(self, builder: _Builder) -> None:
         self.b = builder
+        self.reporting = True
+        self.failed = False
+
+    def problem(self, path: str, message: str) -> None:
+        self.failed = True
+        if self.reporting:
+            self.b.problem(path, message)
+
+    def check_defaults(self, defaults: PolicyFile, written: PolicyFile) -> None:
+        self.failed = False
+        self.policy_fields(defaults, written, "defaults")
 
     def route(
         self, defaults: PolicyFile, route: RouteFile, path: str, concurrency_written: bool
     ) -> RoutePolicy | None:
         merged: PolicyFile = _merge(defaults, route)
-        before = len(self.b.problems)
-        where = {name: f"{path}.{name}" for name in ("key", "scope", "match")}
-        key = self.key(merged.key or KeyFile(), route.key, where["key"])
-        replay_status = merged.replay.status if merged.replay is not None else None
-        if merged.replay is not None and (replay_status is None or not 200 <= replay_status <= 299):
-            self.b.problem(f"{path}.replay.status", "replay.status must be a 2xx status")
-        scope = self.scope(merged.scope or [], where["scope"])
-        fingerprint = self.fingerprint(merged.fingerprint or FingerprintFile(), path)
-        statuses = merged.release_statuses or []
-        for i, status in enumerate(statuses):
-            if not 100 <= status <= 599:
-                self.b.problem(f"{path}.release_statuses[{i}]", f"{status} is not an HTTP status")
-        pattern, methods = self.match(route.match, where["match"])
-        if len(self.b.problems) > before or key is None or fingerprint is None:
+        if route.key is not None and route.key.from_ is not None:
+            # A route that names its key source does not inherit another source's fields.
+            own = route.key
+            assert merged.key is not None
+            merged = dataclasses.replace(
+                merged,
+                key=dataclasses.replace(
+                    merged.key, pointer=own.pointer, name=own.name, window=own.window
+                ),
+            )
+        self.failed = False
+        key, scope, fingerprint, statuses, replay_status = self.policy_fields(merged, route, path)
+        pattern, methods = self.match(route.match, f"{path}.match")
+        if self.failed:
             return None
         # BUILTIN_DEFAULTS sets every field, so none of these can be None after the merge.
         assert merged.ttl is not None
@@ -487,33 +514,55 @@ class _Resolver:
             replay_status=replay_status,
         )
 
-    def key(self, merged: KeyFile, written: KeyFile | None, path: str) -> KeyPolicy | None:
+    def policy_fields(
+        self, merged: PolicyFile, written: PolicyFile, path: str
+    ) -> tuple[KeyPolicy, list[str], FingerprintPolicy, list[int], int | None]:
+        """Check the fields shared by ``defaults`` and routes; report only those ``written``."""
+        self.reporting = written.key is not None
+        key = self.key(merged.key or KeyFile(), written.key, f"{path}.key")
+        self.reporting = written.scope is not None
+        scope = self.scope(merged.scope or [], f"{path}.scope")
+        self.reporting = written.fingerprint is not None
+        fingerprint = self.fingerprint(merged.fingerprint or FingerprintFile(), path)
+        self.reporting = written.release_statuses is not None
+        statuses = merged.release_statuses or []
+        for i, status in enumerate(statuses):
+            if not 100 <= status <= 599:
+                self.problem(f"{path}.release_statuses[{i}]", f"{status} is not an HTTP status")
+        self.reporting = written.replay is not None
+        replay_status = merged.replay.status if merged.replay is not None else None
+        if merged.replay is not None and (replay_status is None or not 200 <= replay_status <= 299):
+            self.problem(f"{path}.replay.status", "replay.status must be a 2xx status")
+        self.reporting = True
+        return key, scope, fingerprint, statuses, replay_status
+
+    def key(self, merged: KeyFile, written: KeyFile | None, path: str) -> KeyPolicy:
         source = merged.from_ or "header"
-        # Only a route's own key block can be inconsistent; defaults may carry a header name.
         mine = written or KeyFile()
         if source != "body" and merged.pointer is not None:
-            self.b.problem(f"{path}.pointer", "pointer is only used with from: body")
+            self.problem(f"{path}.pointer", "pointer is only used with from: body")
         if source != "query" and merged.name is not None:
-            self.b.problem(f"{path}.name", "name is only used with from: query")
+            self.problem(f"{path}.name", "name is only used with from: query")
+        # The header name is inherited by every route, so only a written one can be misplaced.
         if source not in ("header", "fingerprint") and mine.header is not None:
-            self.b.problem(f"{path}.header", f"header is not used with from: {source}")
+            self.problem(f"{path}.header", f"header is not used with from: {source}")
         if source != "fingerprint" and merged.window is not None:
-            self.b.problem(f"{path}.window", "window is only used with from: fingerprint")
+            self.problem(f"{path}.window", "window is only used with from: fingerprint")
         if source == "fingerprint" and merged.required:
-            self.b.problem(
+            self.problem(
                 f"{path}.required", "a from: fingerprint key is never missing; remove required"
             )
         header = merged.header or "Idempotency-Key"
         if not is_token(header):
-            self.b.problem(f"{path}.header", f"{header!r} is not a valid header name")
+            self.problem(f"{path}.header", f"{header!r} is not a valid header name")
         pointer = merged.pointer
         if source == "body":
             if pointer is None:
-                self.b.problem(f"{path}.pointer", "from: body needs a JSON pointer, e.g. /id")
+                self.problem(f"{path}.pointer", "from: body needs a JSON pointer, e.g. /id")
             elif not pointer or not _JSON_POINTER.match(pointer):
-                self.b.problem(f"{path}.pointer", f"{pointer!r} is not a JSON pointer like /id")
+                self.problem(f"{path}.pointer", f"{pointer!r} is not a JSON pointer like /id")
         if source == "query" and not merged.name:
-            self.b.problem(f"{path}.name", "from: query needs the parameter name")
+            self.problem(f"{path}.name", "from: query needs the parameter name")
         return KeyPolicy(
             source=source,
             header=header,
@@ -528,16 +577,16 @@ class _Resolver:
         for i, entry in enumerate(entries):
             kind, _, name = entry.partition(":")
             if kind != "header" or not is_token(name):
-                self.b.problem(f"{path}[{i}]", f"expected header:NAME, got {entry!r}")
+                self.problem(f"{path}[{i}]", f"expected header:NAME, got {entry!r}")
             else:
                 headers.append(name)
         return headers
 
-    def fingerprint(self, merged: FingerprintFile, path: str) -> FingerprintPolicy | None:
+    def fingerprint(self, merged: FingerprintFile, path: str) -> FingerprintPolicy:
         headers = merged.headers or []
         for i, name in enumerate(headers):
             if not is_token(name):
-                self.b.problem(f"{path}.fingerprint.headers[{i}]", f"{name!r} is not a header name")
+                self.problem(f"{path}.fingerprint.headers[{i}]", f"{name!r} is not a header name")
         return FingerprintPolicy(
             include=frozenset(merged.include or []),
             headers=tuple(h.lower() for h in headers),
@@ -549,16 +598,20 @@ class _Resolver:
 
         pattern = match.path if match is not None else None
         if pattern is None:
-            self.b.problem(f"{path}.path", "every route needs match.path")
+            self.problem(f"{path}.path", "every route needs match.path")
             pattern = "/**"
         else:
             error = check_pattern(pattern)
             if error is not None:
-                self.b.problem(f"{path}.path", error)
-        methods = (match.methods if match is not None else None) or ["POST", "PATCH"]
+                self.problem(f"{path}.path", error)
+        methods = match.methods if match is not None else None
+        if methods is None:
+            methods = ["POST", "PATCH"]
+        elif not methods:
+            self.problem(f"{path}.methods", "list at least one method, or leave methods out")
         for i, method in enumerate(methods):
             if method.upper() not in KNOWN_METHODS:
-                self.b.problem(f"{path}.methods[{i}]", f"unknown HTTP method {method!r}")
+                self.problem(f"{path}.methods[{i}]", f"unknown HTTP method {method!r}")
         return pattern, frozenset(m.upper() for m in methods)
 
 
@@ -591,9 +644,10 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
         b.problem("admin.token", f"{NOT_SUPPORTED}: the keys API is not built; leave it empty")
 
     up = doc.upstream or UpstreamFile()
-    upstream_url = (flags.upstream or up.url or "").rstrip("/")
-    if upstream_url:
-        error = _upstream_url(upstream_url)
+    written_url = flags.upstream or up.url or ""
+    upstream_url = written_url.rstrip("/")
+    if written_url:
+        error = _upstream_url(written_url)
         if error:
             b.problem("--upstream" if flags.upstream else "upstream.url", error)
     if up.max_connections is not None and up.max_connections < 1:
@@ -613,9 +667,11 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
 
     defaults = _merge(BUILTIN_DEFAULTS, doc.defaults)
     resolver = _Resolver(b)
+    if doc.defaults is not None:
+        resolver.check_defaults(defaults, doc.defaults)
     defaults_concurrency = doc.defaults is not None and doc.defaults.concurrency is not None
     routes_file = doc.routes
-    if routes_file is None:  # SPEC: with no routes, POST and PATCH on every path are keyed
+    if not routes_file:  # SPEC: with no routes (absent or []), POST and PATCH everywhere are keyed
         routes_file = [RouteFile(name="default", match=MatchFile(path="/**"))]
     routes = []
     for i, route in enumerate(routes_file):

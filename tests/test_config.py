@@ -1,0 +1,1022 @@
+"""The policy loader (SPEC section 3), its error reports, and route matching."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from idemproxy.config import (
+    Config,
+    ConfigError,
+    ConfigProblem,
+    Overrides,
+    RoutePolicy,
+    load,
+    load_text,
+)
+from idemproxy.policy import Policy
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+EXAMPLES = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def yaml(text: str) -> str:
+    return textwrap.dedent(text).lstrip("\n")
+
+
+def config(text: str, environ: dict[str, str] | None = None) -> Config:
+    return load_text(yaml(text), "policy.yaml", None, environ or {})
+
+
+def problems(text: str, environ: dict[str, str] | None = None) -> list[ConfigProblem]:
+    with pytest.raises(ConfigError) as info:
+        load_text(yaml(text), "policy.yaml", None, environ or {})
+    assert info.value.problems, "a ConfigError must carry at least one problem"
+    return info.value.problems
+
+
+def only_problem(text: str, environ: dict[str, str] | None = None) -> ConfigProblem:
+    found = problems(text, environ)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def route(cfg: Config, label: str) -> RoutePolicy:
+    by_label = {r.label: r for r in cfg.routes}
+    return by_label[label]
+
+
+# --- the example policies ----------------------------------------------------------------
+
+
+def test_there_are_example_policies() -> None:
+    assert len(EXAMPLES) >= 3, [p.name for p in EXAMPLES]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_policy_passes_check(path: Path) -> None:
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: "), result.stdout
+    # And without any environment variables set: every ${VAR} in an example has a default.
+    assert load(str(path), environ={}).routes
+
+
+def test_payments_example_does_what_its_comments_say() -> None:
+    cfg = load(str(CONFIG_DIR / "payments.yaml"), environ={})
+    assert cfg.store.url == "redis://127.0.0.1:6379/0"
+    assert route(cfg, "capture-payment").ttl == 7 * 86400
+    assert route(cfg, "create-payment").ttl == 24 * 3600
+    assert route(cfg, "create-refund").concurrency == "wait"
+    payout = route(cfg, "create-payout")
+    assert payout.ambiguous == "release"
+    assert 409 in payout.release_statuses
+    assert route(cfg, "create-customer").key.source == "body"
+    assert route(cfg, "create-customer").key.pointer == "/client_reference_id"
+    assert route(cfg, "processor-webhook").key.source == "query"
+    assert route(cfg, "processor-webhook").key.query_name == "event_id"
+    assert route(cfg, "internal").keyed is False
+    redis = load(str(CONFIG_DIR / "payments.yaml"), environ={"REDIS_URL": "redis://r:6380/2"})
+    assert redis.store.url == "redis://r:6380/2"
+
+
+# --- errors name the field path and the line ----------------------------------------------
+
+ERRORS = [
+    pytest.param(
+        """
+        version: 1
+        upstrem:
+          url: http://127.0.0.1:8000
+        """,
+        "upstrem",
+        2,
+        "unknown field",
+        id="unknown-top-level-field",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+          - match: {path: /b}
+            key:
+              hedaer: X-Key
+        """,
+        "routes[1].key.hedaer",
+        5,
+        "unknown field",
+        id="unknown-nested-field",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            ttl: 3x
+        """,
+        "routes[0].ttl",
+        3,
+        "duration",
+        id="duration-bad-unit",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            ttl: 30
+        """,
+        "routes[0].ttl",
+        3,
+        "duration",
+        id="duration-bare-number",
+    ),
+    pytest.param(
+        """
+        defaults:
+          lock_ttl: 0s
+        """,
+        "defaults.lock_ttl",
+        2,
+        "greater than zero",
+        id="duration-zero",
+    ),
+    pytest.param(
+        """
+        defaults:
+          max_request_body: 1MB
+        """,
+        "defaults.max_request_body",
+        2,
+        "size",
+        id="size-bad-unit",
+    ),
+    pytest.param(
+        """
+        defaults:
+          max_stored_response: -5
+        """,
+        "defaults.max_stored_response",
+        2,
+        "negative",
+        id="size-negative",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: orders}
+        """,
+        "routes[0].match.path",
+        2,
+        "must start with /",
+        id="path-no-leading-slash",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /orders/*/items}
+        """,
+        "routes[0].match.path",
+        2,
+        "*",
+        id="path-star-mid-path",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: "/**/items"}
+        """,
+        "routes[0].match.path",
+        2,
+        "last segment",
+        id="path-double-star-not-last",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: "/orders/{bad-name}"}
+        """,
+        "routes[0].match.path",
+        2,
+        "{bad-name}",
+        id="path-bad-placeholder-name",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: "/orders/{id}/items/{id}"}
+        """,
+        "routes[0].match.path",
+        2,
+        "twice",
+        id="path-duplicate-placeholder",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: "/orders/{id}x"}
+        """,
+        "routes[0].match.path",
+        2,
+        "{id}x",
+        id="path-placeholder-not-whole-segment",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match:
+              path: /a
+              methods: [POST, FETCH]
+        """,
+        "routes[0].match.methods[1]",
+        4,
+        "FETCH",
+        id="unknown-method",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            idempotency: "yes"
+        """,
+        "routes[0].idempotency",
+        3,
+        "true or false",
+        id="string-for-bool",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            key:
+              required: "true"
+        """,
+        "routes[0].key.required",
+        4,
+        "true or false",
+        id="quoted-true-for-bool",
+    ),
+    pytest.param(
+        """
+        version: 1
+        upstream: [http://127.0.0.1:8000]
+        """,
+        "upstream",
+        2,
+        "mapping",
+        id="list-for-mapping",
+    ),
+    pytest.param(
+        """
+        routes:
+          match: {path: /a}
+        """,
+        "routes",
+        1,
+        "list",
+        id="mapping-for-list",
+    ),
+    pytest.param(
+        """
+        upstream:
+          max_connections: many
+        """,
+        "upstream.max_connections",
+        2,
+        "whole number",
+        id="string-for-int",
+    ),
+    pytest.param(
+        """
+        store:
+          url: mysql://db:3306/idem
+        """,
+        "store.url",
+        2,
+        "mysql://",
+        id="store-url-scheme",
+    ),
+    pytest.param(
+        """
+        upstream:
+          url: ftp://files.example
+        """,
+        "upstream.url",
+        2,
+        "http",
+        id="upstream-url-scheme",
+    ),
+    pytest.param(
+        """
+        upstream:
+          url: not-a-url
+        """,
+        "upstream.url",
+        2,
+        "http",
+        id="upstream-url-no-host",
+    ),
+    pytest.param(
+        """
+        version: 2
+        """,
+        "version",
+        1,
+        "version",
+        id="version-2",
+    ),
+    pytest.param(
+        """
+        version: 1
+        routes:
+          - match: {path: /a}
+            ttl: 1h
+            ttl: 2h
+        """,
+        "routes[0].ttl",
+        5,
+        "duplicate",
+        id="duplicate-yaml-key",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            key: {from: body}
+        """,
+        "routes[0].key.pointer",
+        3,
+        "pointer",
+        id="from-body-without-pointer",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            key: {from: body, pointer: client_id}
+        """,
+        "routes[0].key.pointer",
+        3,
+        "JSON pointer",
+        id="from-body-pointer-not-a-pointer",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            key:
+              pointer: /client_id
+        """,
+        "routes[0].key.pointer",
+        4,
+        "from: body",
+        id="pointer-without-from-body",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            key:
+              from: header
+              name: rid
+        """,
+        "routes[0].key.name",
+        5,
+        "from: query",
+        id="name-with-from-header",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            key: {from: query}
+        """,
+        "routes[0].key.name",
+        3,
+        "name",
+        id="from-query-without-name",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            scope: [header:Authorization, cookie:session]
+        """,
+        "routes[0].scope[1]",
+        3,
+        "header:NAME",
+        id="scope-not-header",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            scope:
+              - Authorization
+        """,
+        "routes[0].scope[0]",
+        4,
+        "header:NAME",
+        id="scope-bare-name",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            release_statuses:
+              - 503
+              - 700
+        """,
+        "routes[0].release_statuses[1]",
+        5,
+        "700",
+        id="release-status-700",
+    ),
+    pytest.param(
+        """
+        routes:
+          - match: {path: /a}
+            concurrency: queue
+        """,
+        "routes[0].concurrency",
+        3,
+        "reject",
+        id="bad-choice",
+    ),
+    pytest.param(
+        """
+        listen: 8080
+        """,
+        "listen",
+        1,
+        "HOST:PORT",
+        id="listen-not-host-port",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "line", "fragment"), ERRORS)
+def test_error_names_field_path_and_line(text: str, path: str, line: int, fragment: str) -> None:
+    problem = only_problem(text)
+    assert problem.path == path
+    assert problem.line == line
+    assert fragment in problem.message
+
+
+def test_error_rendering_has_file_line_path_message() -> None:
+    problem = only_problem(
+        """
+        routes:
+          - match: {path: /a}
+            ttl: 3x
+        """
+    )
+    assert problem.render("policy.yaml").startswith("policy.yaml:3: routes[0].ttl: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        pytest.param("version: 1\nlisten: a: b\nupstream: {}\n", 2, id="mapping-in-plain-value"),
+        pytest.param("version: 1\nroutes:\n\t- match: {path: /a}\n", 3, id="tab-indent"),
+        pytest.param("version: 1\nroutes: [\n  {match: {path: /a}\n", 4, id="unclosed-flow"),
+    ],
+)
+def test_invalid_yaml_reports_the_line(text: str, line: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_text(text, "policy.yaml", None, {})
+    (problem,) = info.value.problems
+    assert "not valid YAML" in problem.message
+    assert problem.line == line
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_empty_file_is_the_built_in_defaults(text: str) -> None:
+    cfg = load_text(text, "policy.yaml", None, {})
+    assert cfg.store.url == "memory://"
+    assert cfg.listen == ("127.0.0.1", 8080)
+    assert cfg.admin_listen == ("127.0.0.1", 9901)
+    assert len(cfg.routes) == 1
+    (only,) = cfg.routes
+    assert only.keyed
+    assert only.methods == frozenset({"POST", "PATCH"})
+    assert only.key.header == "Idempotency-Key"
+    assert only.key.required is False
+    assert only.ttl == 24 * 3600
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("---\n", id="document-marker"),
+        pytest.param("# policy\n---\n# nothing yet\n", id="comments-and-marker"),
+        pytest.param("~\n", id="explicit-null"),
+    ],
+)
+def test_null_document_is_an_empty_policy(text: str) -> None:
+    cfg = load_text(text, "policy.yaml", None, {})
+    assert len(cfg.routes) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        pytest.param("version: 1\nlisten: !hostport 127.0.0.1:8080\n", 2, id="unknown-tag"),
+        pytest.param("version: 1\nlisten: !!binary 127.0.0.1:8080\n", 2, id="bad-binary"),
+        pytest.param(
+            "x-ttl: &long\n  ttl: 1h\nroutes:\n  - match: {path: /a}\n    <<: *long\n",
+            5,
+            id="merge-key",
+        ),
+    ],
+)
+def test_yaml_constructor_errors_are_config_errors(text: str, line: int) -> None:
+    # A merge key may be supported (then the route gets the merged ttl) or refused as a
+    # problem on its line; either is fine, a raw YAML exception is not.
+    outcome: Config | ConfigError
+    try:
+        outcome = load_text(text, "policy.yaml", None, {})
+    except ConfigError as exc:
+        outcome = exc
+    if isinstance(outcome, ConfigError):
+        assert [p.line for p in outcome.problems] == [line]
+    else:
+        assert "<<" in text
+        assert outcome.routes[0].ttl == 3600
+
+
+def test_every_error_is_reported_at_once() -> None:
+    found = problems(
+        """
+        version: 1
+        upstream:
+          url: http://127.0.0.1:8000
+          timeout: soon
+        store:
+          url: mysql://db
+        routes:
+          - match: {path: /a}
+          - match: {path: b}
+        """
+    )
+    assert sorted((p.path, p.line) for p in found) == [
+        ("routes[1].match.path", 9),
+        ("store.url", 6),
+        ("upstream.timeout", 4),
+    ]
+
+
+def test_errors_in_one_route_do_not_hide_errors_in_the_same_route() -> None:
+    found = problems(
+        """
+        routes:
+          - match: {path: "/a/*", methods: [FETCH]}
+            ttl: 0s
+            typo: 1
+        """
+    )
+    assert sorted(p.path for p in found) == [
+        "routes[0].match.methods[0]",
+        "routes[0].match.path",
+        "routes[0].ttl",
+        "routes[0].typo",
+    ]
+
+
+# --- features that are not built yet are refused, never ignored ---------------------------
+
+NOT_SUPPORTED = [
+    pytest.param(
+        """
+        store:
+          mode: sentinel
+        """,
+        "store.mode",
+        id="store-mode-sentinel",
+    ),
+    pytest.param(
+        """
+        store:
+          mode: cluster
+        """,
+        "store.mode",
+        id="store-mode-cluster",
+    ),
+    pytest.param(
+        """
+        store:
+          sentinels: [10.0.0.1:26379]
+        """,
+        "store.sentinels",
+        id="sentinels",
+    ),
+    pytest.param(
+        """
+        store:
+          service_name: mymaster
+        """,
+        "store.service_name",
+        id="service-name",
+    ),
+    pytest.param(
+        """
+        admin:
+          token: s3cret
+        """,
+        "admin.token",
+        id="admin-token",
+    ),
+    pytest.param(
+        """
+        admin:
+          token: ${ADMIN_TOKEN:-s3cret}
+        """,
+        "admin.token",
+        id="admin-token-from-default",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "path"), NOT_SUPPORTED)
+def test_unbuilt_feature_is_refused(text: str, path: str) -> None:
+    problem = only_problem(text)
+    assert problem.path == path
+    assert "not supported" in problem.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(
+            """
+            routes:
+              - match: {path: /a}
+                require_if_match: false
+                etag_from_get: false
+            """,
+            id="false-flags",
+        ),
+        pytest.param(
+            """
+            store:
+              mode: standalone
+              sentinels: []
+            admin:
+              token: ${IDEMPROXY_ADMIN_TOKEN:-}
+            """,
+            id="standalone-empty-sentinels-empty-token",
+        ),
+    ],
+)
+def test_the_off_values_of_unbuilt_features_are_accepted(text: str) -> None:
+    assert config(text).routes
+
+
+# --- ${VAR} expansion ----------------------------------------------------------------------
+
+
+def test_env_var_is_expanded() -> None:
+    cfg = config(
+        """
+        upstream:
+          url: ${UPSTREAM}
+        store:
+          key_prefix: "${PREFIX}:idem:"
+        """,
+        {"UPSTREAM": "http://api.internal:9000", "PREFIX": "shop"},
+    )
+    assert cfg.upstream.url == "http://api.internal:9000"
+    assert cfg.store.key_prefix == "shop:idem:"
+
+
+def test_env_var_default_is_used_when_unset_and_ignored_when_set() -> None:
+    text = """
+        upstream:
+          url: "http://${HOST:-127.0.0.1}:${PORT:-8000}"
+        """
+    assert config(text).upstream.url == "http://127.0.0.1:8000"
+    assert config(text, {"HOST": "api", "PORT": "81"}).upstream.url == "http://api:81"
+
+
+def test_unset_env_var_without_default_is_an_error_with_the_path() -> None:
+    problem = only_problem(
+        """
+        version: 1
+        upstream:
+          url: ${MISSING_UPSTREAM}
+        """
+    )
+    assert problem.path == "upstream.url"
+    assert problem.line == 3
+    assert "MISSING_UPSTREAM" in problem.message
+
+
+def test_plain_scalar_expansion_is_typed_by_yaml() -> None:
+    text = """
+        upstream:
+          max_connections: ${N:-5}
+        """
+    assert config(text).upstream.max_connections == 5
+    assert config(text, {"N": "7"}).upstream.max_connections == 7
+    problem = only_problem(text, {"N": "lots"})
+    assert problem.path == "upstream.max_connections"
+
+
+def test_quoted_expansion_stays_a_string() -> None:
+    problem = only_problem(
+        """
+        upstream:
+          max_connections: "${N:-5}"
+        """
+    )
+    assert problem.path == "upstream.max_connections"
+
+
+# --- idempotency: off ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["off", "false", "Off", "no"])
+def test_idempotency_off_disables_the_route(value: str) -> None:
+    cfg = config(
+        f"""
+        routes:
+          - match: {{path: "/internal/**"}}
+            idempotency: {value}
+          - match: {{path: /orders}}
+        """
+    )
+    assert [r.keyed for r in cfg.routes] == [False, True]
+
+
+def test_idempotency_on_keeps_the_route_keyed() -> None:
+    cfg = config(
+        """
+        routes:
+          - match: {path: /orders}
+            idempotency: on
+        """
+    )
+    assert cfg.routes[0].keyed is True
+
+
+# --- defaults inheritance ------------------------------------------------------------------
+
+
+def test_route_inherits_and_overrides_defaults() -> None:
+    cfg = config(
+        """
+        defaults:
+          ttl: 1h
+          concurrency: wait
+          release_statuses: [503]
+        routes:
+          - name: inherits
+            match: {path: /a}
+          - name: overrides
+            match: {path: /b}
+            ttl: 7d
+            concurrency: reject
+            release_statuses: [429, 503]
+        """
+    )
+    inherits, overrides = route(cfg, "inherits"), route(cfg, "overrides")
+    assert inherits.ttl == 3600
+    assert inherits.concurrency == "wait"
+    assert inherits.release_statuses == frozenset({503})
+    assert overrides.ttl == 7 * 86400
+    assert overrides.concurrency == "reject"
+    assert overrides.release_statuses == frozenset({429, 503})
+    # Fields neither side writes come from the built-in defaults.
+    assert inherits.lock_ttl == 30
+    assert inherits.max_request_body == 1024 * 1024
+
+
+def test_route_key_merges_field_wise_into_defaults_key() -> None:
+    cfg = config(
+        """
+        defaults:
+          key:
+            header: X-Request-Id
+            required: false
+        routes:
+          - name: strict
+            match: {path: /a}
+            key: {required: true}
+          - name: lenient
+            match: {path: /b}
+        """
+    )
+    strict, lenient = route(cfg, "strict"), route(cfg, "lenient")
+    assert strict.key.required is True
+    assert strict.key.header == "X-Request-Id"
+    assert strict.key.source == "header"
+    assert lenient.key.required is False
+    assert lenient.key.header == "X-Request-Id"
+
+
+def test_route_fingerprint_merges_field_wise_into_defaults() -> None:
+    cfg = config(
+        """
+        defaults:
+          fingerprint: {include: [method, body], headers: [X-Tenant]}
+        routes:
+          - match: {path: /a}
+            fingerprint: {json_canonical: false}
+        """
+    )
+    fingerprint = cfg.routes[0].fingerprint
+    assert fingerprint.include == frozenset({"method", "body"})
+    assert fingerprint.headers == ("x-tenant",)
+    assert fingerprint.json_canonical is False
+
+
+def test_no_routes_keys_post_and_patch_on_every_path_but_not_get() -> None:
+    policy = Policy(config("upstream: {url: http://127.0.0.1:8000}").routes)
+    for method in ("POST", "PATCH"):
+        for path in ("/", "/orders", "/a/b/c/d"):
+            matched = policy.match(method, path)
+            assert matched is not None, (method, path)
+            assert matched.keyed
+    for method in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS"):
+        assert policy.match(method, "/orders") is None, method
+
+
+def test_methods_default_to_post_and_patch() -> None:
+    cfg = config(
+        """
+        routes:
+          - match: {path: /a}
+          - match: {path: /b, methods: [put, DELETE]}
+        """
+    )
+    assert cfg.routes[0].methods == frozenset({"POST", "PATCH"})
+    assert cfg.routes[1].methods == frozenset({"PUT", "DELETE"})
+
+
+def test_flags_override_the_file() -> None:
+    cfg = load_text(
+        yaml(
+            """
+            listen: 0.0.0.0:80
+            upstream: {url: http://file:1}
+            store: {url: "redis://file:6379/0"}
+            """
+        ),
+        "policy.yaml",
+        Overrides(listen="127.0.0.1:0", upstream="http://flag:2", store="memory://"),
+        {},
+    )
+    assert cfg.listen == ("127.0.0.1", 0)
+    assert cfg.upstream.url == "http://flag:2"
+    assert cfg.store.url == "memory://"
+
+
+# --- known bugs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "line"),
+    [
+        pytest.param(
+            """
+            defaults:
+              release_statuses: [503, 700]
+            routes:
+              - match: {path: /a}
+              - match: {path: /b}
+            """,
+            "defaults.release_statuses[1]",
+            2,
+            id="release-status",
+        ),
+        pytest.param(
+            """
+            defaults:
+              scope: [cookie:session]
+            """,
+            "defaults.scope[0]",
+            2,
+            id="scope",
+        ),
+        pytest.param(
+            """
+            defaults:
+              key: {from: body}
+            """,
+            "defaults.key.pointer",
+            2,
+            id="key-pointer",
+        ),
+    ],
+)
+def test_error_in_defaults_is_reported_once_at_its_defaults_path(
+    text: str, path: str, line: int
+) -> None:
+    problem = only_problem(text)
+    assert problem.path == path
+    assert problem.line == line
+
+
+@pytest.mark.parametrize(
+    ("text", "source"),
+    [
+        pytest.param(
+            """
+            defaults:
+              key: {from: query, name: rid}
+            routes:
+              - match: {path: /a}
+                key: {from: header}
+            """,
+            "header",
+            id="query-defaults-header-route",
+        ),
+        pytest.param(
+            """
+            defaults:
+              key: {from: body, pointer: /client_id}
+            routes:
+              - match: {path: /a}
+                key: {from: query, name: rid}
+            """,
+            "query",
+            id="body-defaults-query-route",
+        ),
+    ],
+)
+def test_route_may_switch_the_key_source_of_defaults(text: str, source: str) -> None:
+    assert config(text).routes[0].key.source == source
+
+
+# --- route matching ------------------------------------------------------------------------
+
+MATCHING_POLICY = """
+    routes:
+      - name: orders
+        match: {methods: [POST], path: /orders}
+      - name: capture
+        match: {methods: [POST], path: "/payments/{id}/capture"}
+      - name: internal
+        match: {path: "/internal/**"}
+        idempotency: off
+      - name: internal-special
+        match: {methods: [POST, PUT], path: /internal/special}
+      - name: orders-put
+        match: {methods: [PUT], path: /orders}
+      - name: item
+        match: {methods: [PATCH], path: "/orders/{order}/items/{item}"}
+    """
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("POST", "/orders", "orders"),
+        ("POST", "/orders/", "orders"),
+        ("POST", "//orders", "orders"),
+        ("POST", "/orders//", "orders"),
+        ("POST", "/orders/1", None),
+        ("POST", "/order", None),
+        ("POST", "/ordersx", None),
+        ("GET", "/orders", None),
+        ("PATCH", "/orders", None),
+        ("PUT", "/orders", "orders-put"),
+        ("POST", "/payments/pay_123/capture", "capture"),
+        ("POST", "/payments//pay_123/capture/", "capture"),
+        ("POST", "/payments/capture", None),
+        ("POST", "/payments//capture", None),
+        ("POST", "/payments/a/b/capture", None),
+        ("POST", "/payments/pay_123/capture/extra", None),
+        ("PATCH", "/orders/1/items/2", "item"),
+        ("PATCH", "/orders/1/items", None),
+        ("POST", "/internal", "internal"),
+        ("POST", "/internal/", "internal"),
+        ("PATCH", "/internal/a/b/c", "internal"),
+        ("POST", "/internalx", None),
+        ("GET", "/internal/a", None),
+        ("POST", "/internal/special", "internal"),
+        ("PUT", "/internal/special", "internal-special"),
+        ("DELETE", "/internal/special", None),
+    ],
+)
+def test_route_matching(method: str, path: str, expected: str | None) -> None:
+    policy = Policy(config(MATCHING_POLICY).routes)
+    matched = policy.match(method, path)
+    assert (matched.label if matched is not None else None) == expected
+
+
+def test_route_label_defaults_to_methods_and_pattern() -> None:
+    cfg = config(
+        """
+        routes:
+          - match: {methods: [PATCH, POST], path: "/a/{id}"}
+        """
+    )
+    assert cfg.routes[0].label == "PATCH|POST /a/{id}"
+
+
+def test_root_double_star_matches_root() -> None:
+    policy = Policy(config('routes: [{match: {path: "/**"}}]').routes)
+    assert policy.match("POST", "/") is not None
+    assert policy.match("POST", "") is not None
