@@ -1,0 +1,159 @@
+"""The JSON Schema of the policy file (idemproxy/schema.py) and its shipped copy."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import textwrap
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from idemproxy import config
+from idemproxy.config import ConfigError, load_text
+from idemproxy.schema import DESCRIPTIONS, PATTERNS, policy_schema, schema_text, yaml_name
+from idemproxy.units import parse_duration, parse_host_port, parse_size
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.yaml"))
+SCHEMA = policy_schema()
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+# Every dataclass of the policy file model: the document and the *File mappings under it.
+MODEL: list[type[Any]] = [
+    cls
+    for name, cls in vars(config).items()
+    if isinstance(cls, type)
+    and dataclasses.is_dataclass(cls)
+    and (name.endswith("File") or name == "PolicyDocument")
+]
+
+
+def doc(text: str) -> Any:
+    return yaml.safe_load(textwrap.dedent(text))
+
+
+def error_path(document: Any) -> list[str | int] | None:
+    """Where the most relevant schema error is (descending into anyOf/oneOf), None if valid."""
+    error = jsonschema.exceptions.best_match(VALIDATOR.iter_errors(document))
+    return None if error is None else list(error.absolute_path)
+
+
+def test_shipped_schema_is_current() -> None:
+    shipped = resources.files("idemproxy").joinpath("policy.schema.json").read_text("utf-8")
+    assert shipped == schema_text(), (
+        "idemproxy/policy.schema.json is out of date with the policy model; regenerate it with\n"
+        '    python -c "from idemproxy.schema import write_schema; write_schema()"'
+    )
+
+
+def test_schema_is_a_valid_draft_2020_12_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    assert SCHEMA["$id"] == "https://idemproxy.dev/schema/policy.json"
+    assert SCHEMA["title"] == "idemproxy policy file"
+
+
+def test_every_model_field_is_in_the_schema() -> None:
+    assert len(MODEL) == 10, [cls.__name__ for cls in MODEL]
+    for cls in MODEL:
+        node = SCHEMA if cls is config.PolicyDocument else SCHEMA["$defs"][cls.__name__]
+        expected = {yaml_name(spec) for spec in dataclasses.fields(cls)}
+        assert set(node["properties"]) == expected, cls.__name__
+        assert node["additionalProperties"] is False, cls.__name__
+    assert set(SCHEMA["$defs"]) == {cls.__name__ for cls in MODEL} - {"PolicyDocument"}
+    assert "from" in SCHEMA["$defs"]["KeyFile"]["properties"]  # the YAML name, not from_
+
+
+def test_every_description_names_a_model_field() -> None:
+    fields = {
+        f"{cls.__name__}.{yaml_name(spec)}" for cls in MODEL for spec in dataclasses.fields(cls)
+    }
+    assert set(DESCRIPTIONS) <= fields, set(DESCRIPTIONS) - fields
+    assert SCHEMA["$defs"]["RouteFile"]["properties"]["ttl"]["description"]  # inherited
+
+
+def test_there_are_example_policies() -> None:
+    assert len(EXAMPLES) >= 3, [p.name for p in EXAMPLES]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_policy_validates(path: Path) -> None:
+    assert error_path(yaml.safe_load(path.read_text("utf-8"))) is None
+
+
+ACCEPTED = {
+    "x-anchors": """
+        x-slow: &slow {ttl: 7d, wait_timeout: 30s}
+        routes:
+          - match: {path: /reports}
+            <<: *slow
+        """,
+    "idempotency-off": """
+        routes:
+          - match: {path: "/internal/**"}
+            idempotency: off
+        """,
+    "size-in-bytes": "defaults: {max_request_body: 2048, max_stored_response: 512 KiB}\n",
+    "empty-values": "admin:\ndefaults:\n  key:\n  ttl:\n",
+}
+
+
+@pytest.mark.parametrize("text", ACCEPTED.values(), ids=ACCEPTED.keys())
+def test_schema_and_loader_accept(text: str) -> None:
+    assert error_path(doc(text)) is None
+    load_text(textwrap.dedent(text), "policy.yaml", None, {})
+
+
+REJECTED = {
+    "unknown-field": ("lisen: 0.0.0.0:8080", []),
+    "unknown-nested-field": (
+        "routes: [{match: {path: /a}, key: {requried: true}}]",
+        ["routes", 0, "key"],
+    ),
+    "x-field-below-top": ("defaults: {x-slow: 7d}", ["defaults"]),
+    "bad-duration": ("defaults: {ttl: 30 sec}", ["defaults", "ttl"]),
+    "duration-without-unit": ("upstream: {timeout: 30}", ["upstream", "timeout"]),
+    "bad-size": ("defaults: {max_request_body: 1MB}", ["defaults", "max_request_body"]),
+    "negative-size": ("defaults: {max_request_body: -1}", ["defaults", "max_request_body"]),
+    "bad-enum": ("defaults: {concurrency: queue}", ["defaults", "concurrency"]),
+    "bad-enum-in-list": (
+        "defaults: {fingerprint: {include: [method, cookies]}}",
+        ["defaults", "fingerprint", "include", 1],
+    ),
+    "string-for-integer": ("upstream: {max_connections: many}", ["upstream", "max_connections"]),
+    "boolean-for-integer": ("version: true", ["version"]),
+    "mapping-for-list": ("routes: {match: {path: /a}}", ["routes"]),
+    "number-for-host-port": ("listen: 8080", ["listen"]),
+}
+
+
+@pytest.mark.parametrize(("text", "path"), REJECTED.values(), ids=REJECTED.keys())
+def test_schema_and_loader_reject(text: str, path: list[str | int]) -> None:
+    assert error_path(doc(text)) == path
+    with pytest.raises(ConfigError):
+        load_text(text, "policy.yaml", None, {})
+
+
+def accepts(parse: Callable[[object], object], value: str) -> bool:
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True
+
+
+SAMPLES = {
+    "duration": (parse_duration, ["250ms", "30s", "1.5m", "24h", "7d", "30", "30 s", "1e3s", "5w"]),
+    "size": (parse_size, ["512KiB", "1MiB", "2048", "10 B", "1MB", "-1", "1.5MiB", "KiB"]),
+    "host:port": (parse_host_port, ["127.0.0.1:8080", ":8080", "[::1]:80", "8080", "h:", "h:x"]),
+}
+
+
+@pytest.mark.parametrize("marker", SAMPLES)
+def test_patterns_agree_with_the_parsers(marker: str) -> None:
+    parse, values = SAMPLES[marker]
+    for value in values:
+        assert bool(re.search(PATTERNS[marker], value)) == accepts(parse, value), value
