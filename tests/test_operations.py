@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -104,16 +104,15 @@ async def test_locks_in_flight_counts_a_running_keyed_request(
 
 
 @pytest.fixture
-async def admin(
-    make_proxy: ProxyFactory, store_url: str
-) -> AsyncIterator[tuple[RunningProxy, str]]:
-    yield await make_proxy(POLICY, store=store_url), store_url
+async def admin(make_proxy: ProxyFactory, store_url: str) -> RunningProxy:
+    """A proxy with the keys API enabled, on each store."""
+    return await make_proxy(POLICY, store=store_url)
 
 
 async def test_keys_api_rejects_a_missing_wrong_or_empty_token(
-    admin: tuple[RunningProxy, str], http: aiohttp.ClientSession
+    admin: RunningProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy, _ = admin
+    proxy = admin
     for headers in (
         {},
         {"Authorization": "Bearer wrong"},
@@ -128,9 +127,9 @@ async def test_keys_api_rejects_a_missing_wrong_or_empty_token(
 
 
 async def test_keys_api_inspects_and_purges_a_key(
-    admin: tuple[RunningProxy, str], upstream: Upstream, http: aiohttp.ClientSession
+    admin: RunningProxy, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    proxy, _ = admin
+    proxy = admin
     auth = {"Authorization": f"Bearer {TOKEN}"}
     client = {"Idempotency-Key": "order-77", "Authorization": "Bearer alice"}
     async with http.post(proxy.url + "/orders", data=b"tea", headers=client) as response:
@@ -151,8 +150,6 @@ async def test_keys_api_inspects_and_purges_a_key(
     assert "body_base64" not in info
     async with http.get(scoped + "&body=1", headers=auth) as response:
         full = await response.json()
-    import base64
-
     assert base64.b64decode(full["body_base64"]) == body
 
     async with http.delete(scoped, headers=auth) as response:
@@ -174,10 +171,8 @@ async def test_keys_api_is_disabled_without_a_token(
         assert (await response.json())["code"] == "keys_api_disabled"
 
 
-async def test_keys_cli_gets_and_deletes(
-    admin: tuple[RunningProxy, str], http: aiohttp.ClientSession
-) -> None:
-    proxy, _ = admin
+async def test_keys_cli_gets_and_deletes(admin: RunningProxy, http: aiohttp.ClientSession) -> None:
+    proxy = admin
     async with http.post(proxy.url + "/orders", data=b"x", headers={"Idempotency-Key": "cli-1"}):
         pass
     env = {"IDEMPROXY_ADMIN_TOKEN": TOKEN}
