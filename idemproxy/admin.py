@@ -1,16 +1,37 @@
-"""The admin listener: liveness and readiness, on its own port."""
+"""The admin listener, on its own port: health, readiness, metrics, and key inspection.
+
+``/keys`` exists only when an admin token is configured, and every call to it must carry
+``Authorization: Bearer <token>``, compared in constant time.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
+import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from idemproxy.errors import StoreUnavailable
+from idemproxy.errors import ProblemError, StoreUnavailable
+from idemproxy.keys import store_key
+from idemproxy.observability import Metrics
+from idemproxy.records import Record
 from idemproxy.store import Store
 
-STORE_KEY = web.AppKey("store", Store)
 READY_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminContext:
+    store: Store
+    metrics: Metrics
+    key_prefix: str
+    token: str
+
+
+ADMIN = web.AppKey("admin", AdminContext)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -21,15 +42,89 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready only while the store answers, so traffic follows the store both ways."""
     try:
         async with asyncio.timeout(READY_TIMEOUT):
-            await request.app[STORE_KEY].ping()
+            await request.app[ADMIN].store.ping()
     except (StoreUnavailable, TimeoutError):
         return web.json_response({"status": "unavailable", "store": "down"}, status=503)
     return web.json_response({"status": "ready"})
 
 
-def create_admin_app(store: Store) -> web.Application:
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[ADMIN].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+def _authorize(request: web.Request) -> None:
+    expected = request.app[ADMIN].token
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        presented.strip().encode(), expected.encode()
+    ):
+        raise ProblemError("unauthorized", "send Authorization: Bearer <admin token>")
+
+
+def _store_key(request: web.Request) -> str:
+    """The key as the proxy stores it: ``scope`` values are raw credentials, hashed the same way."""
+    scope = request.query.getall("scope", [""])
+    return store_key(request.app[ADMIN].key_prefix, scope, request.match_info["key"])
+
+
+def _describe(record: Record, key_hash: str, with_body: bool) -> dict[str, object]:
+    described: dict[str, object] = {
+        "key_hash": key_hash,
+        "state": record.state,
+        "fingerprint": record.fingerprint,
+        "status": record.response.status if record.response is not None else None,
+        "created_at": record.created_at,
+        "age_seconds": round(max(0.0, time.time() - record.created_at), 3),
+        "expires_in_seconds": record.expires_in,
+    }
+    if with_body and record.response is not None:
+        described["headers"] = record.response.headers
+        described["body_base64"] = base64.b64encode(record.response.body).decode()
+    return described
+
+
+async def get_key(request: web.Request) -> web.StreamResponse:
+    try:
+        _authorize(request)
+        key = _store_key(request)
+        record = await request.app[ADMIN].store.get(key)
+        if record is None:
+            raise ProblemError("key_not_found", "no record for this key and scope")
+    except ProblemError as problem:
+        return problem.response()
+    except StoreUnavailable:
+        return ProblemError("store_unavailable", "the store did not answer", 1).response()
+    key_hash = key.removeprefix(request.app[ADMIN].key_prefix)
+    with_body = request.query.get("body") == "1"
+    return web.json_response(_describe(record, key_hash, with_body))
+
+
+async def delete_key(request: web.Request) -> web.StreamResponse:
+    try:
+        _authorize(request)
+        if not await request.app[ADMIN].store.delete(_store_key(request)):
+            raise ProblemError("key_not_found", "no record for this key and scope")
+    except ProblemError as problem:
+        return problem.response()
+    except StoreUnavailable:
+        return ProblemError("store_unavailable", "the store did not answer", 1).response()
+    return web.Response(status=204)
+
+
+def create_admin_app(context: AdminContext) -> web.Application:
     app = web.Application()
-    app[STORE_KEY] = store
+    app[ADMIN] = context
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    if context.token:
+        app.router.add_get("/keys/{key:.+}", get_key)
+        app.router.add_delete("/keys/{key:.+}", delete_key)
+    else:
+        app.router.add_route("*", "/keys/{key:.*}", keys_disabled)
     return app
+
+
+async def keys_disabled(request: web.Request) -> web.Response:
+    return ProblemError("keys_api_disabled", "set admin.token to enable the keys API").response()

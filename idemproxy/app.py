@@ -1,22 +1,26 @@
-"""Wiring: build the store, upstream and handler from a config; start, run and stop them."""
+"""Wiring: build the store, upstream and handler from a config; start, reload and stop them."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
-from idemproxy.admin import create_admin_app
-from idemproxy.config import Config
+from idemproxy.admin import AdminContext, create_admin_app
+from idemproxy.config import Config, ConfigError, Overrides, load
+from idemproxy.observability import Metrics, event
 from idemproxy.policy import Policy
 from idemproxy.proxy import KeyedProxy
 from idemproxy.store import open_store
+from idemproxy.store.timed import TimedStore
 from idemproxy.upstream import Upstream
 
-log = logging.getLogger("idemproxy")
+# Parts of a config that a reload cannot change in a running process.
+_NEEDS_RESTART = ("listen", "admin_listen", "admin_token", "upstream", "store", "shutdown_timeout")
 
 
 def redact(url: str) -> str:
@@ -40,7 +44,8 @@ class ProxyServer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = open_store(config.store)
+        self.metrics = Metrics()
+        self.store = TimedStore(open_store(config.store), self.metrics.store_duration)
         self.upstream = Upstream(config.upstream)
         self.handler = KeyedProxy(
             Policy(config.routes),
@@ -48,25 +53,29 @@ class ProxyServer:
             self.upstream,
             config.store.key_prefix,
             fail_open=config.store.on_error == "fail_open",
+            metrics=self.metrics,
         )
         server = web.Server(self.handler.handle, access_log=None)
         self._proxy = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
-        self._admin = web.AppRunner(create_admin_app(self.store), access_log=None)
+        admin = AdminContext(self.store, self.metrics, config.store.key_prefix, config.admin_token)
+        self._admin = web.AppRunner(create_admin_app(admin), access_log=None)
 
-    async def start(self, reuse_port: bool = False) -> None:
+    async def start(self) -> None:
         await self.upstream.start()
         await self._proxy.setup()
         await self._admin.setup()
         host, port = self.config.listen
-        await web.TCPSite(self._proxy, host, port, reuse_port=reuse_port or None).start()
+        await web.TCPSite(self._proxy, host, port).start()
         admin_host, admin_port = self.config.admin_listen
         await web.TCPSite(self._admin, admin_host, admin_port).start()
-        log.info(
-            "idemproxy listening on %s:%d, upstream %s, store %s, admin on %s:%d",
-            *self.address,
-            self.config.upstream.url,
-            redact(self.config.store.url),
-            *self.admin_address,
+        event(
+            "idemproxy started",
+            listen="{}:{}".format(*self.address),
+            admin="{}:{}".format(*self.admin_address),
+            upstream=self.config.upstream.url,
+            store=redact(self.config.store.url),
+            routes=len(self.config.routes),
+            keys_api=bool(self.config.admin_token),
         )
 
     @property
@@ -77,16 +86,50 @@ class ProxyServer:
     def admin_address(self) -> tuple[str, int]:
         return _bound(self._admin)
 
+    def reload(self, new: Config) -> list[str]:
+        """Serve ``new``'s routes from now on; requests in flight finish under their old route.
+
+        Returns the names of changed settings that only a restart applies.
+        """
+        self.handler.policy = Policy(new.routes)
+        ignored = [
+            name for name in _NEEDS_RESTART if getattr(new, name) != getattr(self.config, name)
+        ]
+        self.config = dataclasses.replace(new, **{n: getattr(self.config, n) for n in ignored})
+        return ignored
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within ``shutdown_timeout``, then close."""
+        """Stop accepting, let in-flight requests finish within ``shutdown_timeout``, then close.
+
+        A request cancelled at the deadline settles its lease on the way out (see
+        ``KeyedProxy._forward_holding_lease``), so no lease is left behind by a clean stop.
+        """
         await self._proxy.cleanup()
         await self._admin.cleanup()
         await self.upstream.close()
         await self.store.close()
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+def _reload(server: ProxyServer, path: str | None, flags: Overrides) -> None:
+    if path is None:
+        event("reload skipped: idemproxy runs without a policy file", logging.WARNING)
+        return
+    try:
+        new = load(path, flags)
+    except ConfigError as exc:
+        event(
+            "reload refused: the policy file is invalid; the old policy keeps serving",
+            logging.ERROR,
+            file=path,
+            problems=[p.render(exc.source) for p in exc.problems],
+        )
+        return
+    ignored = server.reload(new)
+    event("policy reloaded", file=path, routes=len(new.routes), needs_restart=ignored)
+
+
+async def serve(config: Config, path: str | None = None, flags: Overrides | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads ``path``."""
     server = ProxyServer(config)
     try:
         await server.start()
@@ -97,7 +140,8 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server, path, flags or Overrides())
     await stop.wait()
-    log.info("idemproxy shutting down, draining for up to %ss", config.shutdown_timeout)
+    event("idemproxy shutting down", drain_seconds=config.shutdown_timeout)
     await server.stop()
-    log.info("idemproxy stopped")
+    event("idemproxy stopped")

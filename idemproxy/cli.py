@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -12,6 +11,7 @@ from typing import Any
 
 from idemproxy import __version__
 from idemproxy.config import Config, ConfigError, Overrides, load
+from idemproxy.observability import setup_logging
 
 CONFIG_ENV = "IDEMPROXY_CONFIG"
 
@@ -28,9 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--store", metavar="URL", help="memory://, redis://, rediss://, unix://")
     run.add_argument("--workers", type=int, default=1, metavar="N", help="processes (1)")
     run.add_argument("--admin", metavar="HOST:PORT", help="admin address (127.0.0.1:9901)")
+    run.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="log lines (json)"
+    )
     check = commands.add_parser("check", help="validate a policy file")
     check.add_argument("-c", "--config", help=f"policy file (default: ${CONFIG_ENV})")
     commands.add_parser("version", help="print the version")
+    keys = commands.add_parser("keys", help="inspect or purge one key through the admin API")
+    keys.add_argument("action", choices=("get", "delete"))
+    keys.add_argument("key", help="the idempotency key as the client sent it")
+    keys.add_argument(
+        "--scope",
+        action="append",
+        help="raw credential value (e.g. the Authorization header); repeat for several",
+    )
+    keys.add_argument("--admin", default="http://127.0.0.1:9901", help="admin base URL")
+    keys.add_argument("--body", action="store_true", help="include stored headers and body")
     return parser
 
 
@@ -65,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"idemproxy {__version__}")
         return 0
+    if args.command == "keys":
+        from idemproxy.keys_client import keys_command
+
+        return keys_command(args.action, args.key, args.scope, args.admin, args.body)
     path = args.config or os.environ.get(CONFIG_ENV) or None
     if args.command == "check":
         if path is None:
@@ -94,10 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_format)
     from idemproxy.app import serve
 
-    _run_loop(serve(config))
+    _run_loop(serve(config, path, flags))
     return 0

@@ -202,6 +202,7 @@ class StoreConfig:
 class Config:
     listen: tuple[str, int]
     admin_listen: tuple[str, int]
+    admin_token: str
     shutdown_timeout: float
     upstream: UpstreamConfig
     store: StoreConfig
@@ -640,8 +641,8 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
     admin_listen = _address(
         flags.admin, "--admin", admin.listen or DEFAULT_ADMIN_LISTEN, "admin.listen", b
     )
-    if admin.token:
-        b.problem("admin.token", f"{NOT_SUPPORTED}: the keys API is not built; leave it empty")
+    if admin.token and admin.token != admin.token.strip():
+        b.problem("admin.token", "the token must not start or end with spaces")
 
     up = doc.upstream or UpstreamFile()
     written_url = flags.upstream or up.url or ""
@@ -682,6 +683,7 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
     return Config(
         listen=listen,
         admin_listen=admin_listen,
+        admin_token=admin.token or "",
         shutdown_timeout=doc.shutdown_timeout or 30.0,
         upstream=UpstreamConfig(
             url=upstream_url,

@@ -29,6 +29,22 @@ class Outcome(StrEnum):
     RELEASED = "released"
     STORE_ERROR = "store_error"
     UPSTREAM_ERROR = "upstream_error"
+    PRECONDITION = "precondition"  # 428 / 412 of require_if_match and etag_from_get
+
+
+OUTCOME_OF_PROBLEM = {
+    "idempotency_key_missing": Outcome.MISSING_KEY,
+    "idempotency_key_invalid": Outcome.INVALID_KEY,
+    "request_too_large": Outcome.TOO_LARGE,
+    "request_in_progress": Outcome.CONFLICT,
+    "response_not_replayable": Outcome.CONFLICT,
+    "idempotency_key_reused": Outcome.MISMATCH,
+    "store_unavailable": Outcome.STORE_ERROR,
+    "upstream_unavailable": Outcome.UPSTREAM_ERROR,
+    "upstream_timeout": Outcome.UPSTREAM_ERROR,
+    "precondition_required": Outcome.PRECONDITION,
+    "precondition_failed": Outcome.PRECONDITION,
+}
 
 
 class Existing(Enum):

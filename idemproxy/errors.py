@@ -63,6 +63,10 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "store_unavailable": (503, "Store unavailable"),
     "precondition_required": (428, "Precondition required"),
     "precondition_failed": (412, "Precondition failed"),
+    # the admin listener's own answers
+    "unauthorized": (401, "Admin token missing or wrong"),
+    "key_not_found": (404, "No record for this key"),
+    "keys_api_disabled": (404, "The keys API is disabled"),
 }
 
 
@@ -92,6 +96,8 @@ class ProblemError(IdemproxyError):
         headers = [("Content-Type", PROBLEM_CONTENT_TYPE)]
         if self.retry_after is not None:
             headers.append(("Retry-After", str(self.retry_after)))
+        if self.code == "unauthorized":
+            headers.append(("WWW-Authenticate", 'Bearer realm="idemproxy-admin"'))
         return headers
 
     def response(self) -> web.Response:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from aiohttp import hdrs, web
 
 from idemproxy import engine
 from idemproxy.config import Concurrency, RoutePolicy
-from idemproxy.engine import Existing
+from idemproxy.engine import Existing, Outcome
 from idemproxy.errors import ProblemError, StoreUnavailable
 from idemproxy.keys import (
     derived_key,
@@ -26,6 +27,7 @@ from idemproxy.keys import (
     if_match_allows,
     store_key,
 )
+from idemproxy.observability import Metrics, Trace, event
 from idemproxy.policy import Policy
 from idemproxy.records import StoredResponse
 from idemproxy.store import Store
@@ -54,43 +56,68 @@ class _Lease:
     token: str
     ttl: float  # how long the completed record is kept
     concurrency: Concurrency
+    trace: Trace
 
 
 class KeyedProxy:
     """Everything one request needs: the policy, the store and the upstream."""
 
     def __init__(
-        self, policy: Policy, store: Store, upstream: Upstream, key_prefix: str, fail_open: bool
+        self,
+        policy: Policy,
+        store: Store,
+        upstream: Upstream,
+        key_prefix: str,
+        fail_open: bool,
+        metrics: Metrics,
     ) -> None:
         self.policy = policy
         self.store = store
         self.upstream = upstream
         self.key_prefix = key_prefix
         self.fail_open = fail_open
-        self.in_flight_leases = 0
+        self.metrics = metrics
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        trace = Trace(request.method, request.path, time.monotonic())
+        status = 499  # cancelled: the client went away before its answer (nginx's convention)
+        try:
+            try:
+                response = await self._dispatch(request, trace)
+            except ProblemError as problem:
+                trace.outcome = engine.OUTCOME_OF_PROBLEM[problem.code]
+                response = problem.response()
+            status = response.status
+            return response
+        except Exception:
+            status = 500
+            log.exception("unexpected error while handling a request")
+            raise
+        finally:
+            trace.finish(self.metrics, status)
+
+    async def _dispatch(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
+        # The policy is read once: a reload (SIGHUP) swaps it, and this request keeps its route.
         route = self.policy.match(request.method, request.path)
         if route is None:
-            return await self._passthrough(request)
-        try:
-            if route.require_if_match and hdrs.IF_MATCH not in request.headers:
-                raise ProblemError(
-                    "precondition_required", "send If-Match with the ETag you last read"
-                )
-            if not route.keyed:
-                await self._check_etag(request, route)
-                return await self._passthrough(request)
-            return await self._keyed(request, route)
-        except ProblemError as problem:
-            return problem.response()
+            return await self._passthrough(request, trace)
+        trace.route = route.label
+        if route.require_if_match and hdrs.IF_MATCH not in request.headers:
+            raise ProblemError("precondition_required", "send If-Match with the ETag you last read")
+        if not route.keyed:
+            await self._check_etag(request, route)
+            return await self._passthrough(request, trace)
+        return await self._keyed(request, route, trace)
 
     async def _passthrough(
-        self, request: web.BaseRequest, body: bytes | None = None
+        self, request: web.BaseRequest, trace: Trace, body: bytes | None = None
     ) -> web.StreamResponse:
         if body is None and _is_websocket(request):
             return await self.upstream.websocket(request)
-        return await self.upstream.stream(request, body)
+        started = time.monotonic()
+        response = await self.upstream.stream(request, body)
+        self.metrics.upstream_duration.labels(trace.route).observe(time.monotonic() - started)
+        return response
 
     async def _check_etag(self, request: web.BaseRequest, route: RoutePolicy) -> None:
         """``etag_from_get``: 412 unless If-Match names the resource's current ETag."""
@@ -108,7 +135,9 @@ class KeyedProxy:
                 "precondition_failed", "If-Match does not match the resource's current ETag"
             )
 
-    async def _keyed(self, request: web.BaseRequest, route: RoutePolicy) -> web.StreamResponse:
+    async def _keyed(
+        self, request: web.BaseRequest, route: RoutePolicy, trace: Trace
+    ) -> web.StreamResponse:
         body = None
         if route.key.source == "body":
             body = await _read_body(request, route.max_request_body)
@@ -120,7 +149,7 @@ class KeyedProxy:
             refusal = engine.on_key_problem(route, found)
             if refusal is None:
                 await self._check_etag(request, route)
-                return await self._passthrough(request, body)
+                return await self._passthrough(request, trace, body)
             raise ProblemError(refusal.code, found.detail)
         if body is None:
             body = await _read_body(request, route.max_request_body)
@@ -135,18 +164,21 @@ class KeyedProxy:
         scope_values = [request.headers.get(h, "") for h in route.scope_headers]
         derived = client_key is None
         key = derived_key(print_) if client_key is None else client_key
+        scoped = store_key(self.key_prefix, scope_values, key)
+        trace.key_hash = scoped.removeprefix(self.key_prefix)
         lease = _Lease(
             route=route,
-            key=store_key(self.key_prefix, scope_values, key),
+            key=scoped,
             fingerprint=print_,
             token=secrets.token_hex(16),
             ttl=route.key.window if derived else route.ttl,
             concurrency=route.derived_concurrency if derived else route.concurrency,
+            trace=trace,
         )
         try:
             answer = await self._claim(lease)
         except StoreUnavailable as exc:
-            return await self._store_down(request, body, exc)
+            return await self._store_down(request, trace, body, exc)
         if answer is not None:
             return answer
         return await self._forward_holding_lease(request, lease, body)
@@ -165,6 +197,7 @@ class KeyedProxy:
             verdict = engine.classify(existing, lease.fingerprint)
             if verdict is Existing.REPLAY:
                 assert existing.response is not None
+                lease.trace.outcome = Outcome.REPLAYED
                 return replay(existing.response, lease.route.replay_status)
             if verdict is Existing.MISMATCH:
                 raise ProblemError(
@@ -186,18 +219,20 @@ class KeyedProxy:
             delay = min(delay * 2, _MAX_POLL)
 
     async def _store_down(
-        self, request: web.BaseRequest, body: bytes, exc: StoreUnavailable
+        self, request: web.BaseRequest, trace: Trace, body: bytes, exc: StoreUnavailable
     ) -> web.StreamResponse:
         if self.fail_open:
-            log.warning("store unavailable, forwarding unprotected (fail_open): %s", exc)
-            return await self._passthrough(request, body)
-        log.warning("store unavailable, refusing keyed request (fail_closed): %s", exc)
+            event("store unavailable, forwarding unprotected", logging.WARNING, error=str(exc))
+            response = await self._passthrough(request, trace, body)
+            trace.outcome = Outcome.STORE_ERROR
+            return response
+        event("store unavailable, refusing a keyed request", logging.WARNING, error=str(exc))
         raise ProblemError("store_unavailable", "the idempotency store is unavailable", 1)
 
     async def _forward_holding_lease(
         self, request: web.BaseRequest, lease: _Lease, body: bytes
     ) -> web.StreamResponse:
-        self.in_flight_leases += 1
+        self.metrics.locks_in_flight.inc()
         try:
             try:
                 await self._check_etag(request, lease.route)
@@ -205,6 +240,7 @@ class KeyedProxy:
                 await self._settle(lease, None, release=True)  # nothing ran
                 raise
             async with self._renewing(lease):
+                started = time.monotonic()
                 try:
                     exchange = await self.upstream.exchange(
                         request, body, lease.route.max_stored_response
@@ -217,20 +253,34 @@ class KeyedProxy:
                     cancelled = UpstreamFailure("broken", "cancelled while waiting for upstream")
                     await asyncio.shield(self._failed(lease, cancelled))
                     raise
+                finally:
+                    elapsed = time.monotonic() - started
+                    self.metrics.upstream_duration.labels(lease.route.label).observe(elapsed)
             if not exchange.complete:
+                lease.trace.outcome = Outcome.NEW
                 await self._settle(lease, None, release=False)
                 return await _stream_rest(request, exchange)
             release = engine.after_response(lease.route, exchange.status) == "release"
+            lease.trace.outcome = Outcome.RELEASED if release else Outcome.NEW
             stored = StoredResponse(exchange.status, exchange.headers, exchange.body)
             await self._settle(lease, stored, release=release)
             return _buffered(exchange.status, exchange.headers, exchange.body)
         finally:
-            self.in_flight_leases -= 1
+            self.metrics.locks_in_flight.dec()
 
     async def _failed(self, lease: _Lease, failure: UpstreamFailure) -> web.StreamResponse:
         code, disposition = engine.after_failure(lease.route, failure.kind)
         problem = ProblemError(code, f"upstream: {failure}")
-        log.warning("upstream failure (%s): %s", failure.kind, failure)
+        lease.trace.outcome = Outcome.UPSTREAM_ERROR
+        event(
+            "upstream failure",
+            logging.WARNING,
+            kind=failure.kind,
+            error=str(failure),
+            route=lease.route.label,
+            key_hash=lease.trace.key_hash,
+            settled="stored" if disposition == "store" else "released",
+        )
         stored = StoredResponse(problem.status, problem.headers(), problem.body())
         await self._settle(lease, stored, release=disposition == "release")
         return problem.response()
@@ -247,10 +297,19 @@ class KeyedProxy:
             else:
                 settled = await self.store.complete(lease.key, lease.token, response, lease.ttl)
         except StoreUnavailable as exc:
-            log.warning("store unavailable when settling a lease: %s", exc)
+            event(
+                "store unavailable when settling a lease; it expires after lock_ttl",
+                logging.WARNING,
+                error=str(exc),
+                key_hash=lease.trace.key_hash,
+            )
             return
         if not settled:
-            log.warning("lease was lost before the response could be recorded")
+            event(
+                "lease lost before the response could be recorded",
+                logging.WARNING,
+                key_hash=lease.trace.key_hash,
+            )
 
     @contextlib.asynccontextmanager
     async def _renewing(self, lease: _Lease) -> AsyncIterator[None]:
@@ -262,10 +321,14 @@ class KeyedProxy:
                 await asyncio.sleep(lock_ttl / 3)
                 try:
                     if not await self.store.renew(lease.key, lease.token, lock_ttl):
-                        log.warning("lease lost while the upstream call was running")
+                        event(
+                            "lease lost while the upstream call was running",
+                            logging.WARNING,
+                            key_hash=lease.trace.key_hash,
+                        )
                         return
                 except StoreUnavailable as exc:
-                    log.warning("could not renew a lease: %s", exc)
+                    event("could not renew a lease", logging.WARNING, error=str(exc))
 
         task = asyncio.create_task(renew(), name="lease-renewal")
         try:

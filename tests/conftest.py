@@ -63,11 +63,16 @@ class RedisProcess:
         self.process = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--port", str(self.port),
-                "--bind", HOST,
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.workdir,
+                "--port",
+                str(self.port),
+                "--bind",
+                HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.workdir,
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -206,9 +211,7 @@ ProxyFactory = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
-async def make_proxy(
-    upstream: Upstream, prefix: str
-) -> AsyncIterator[ProxyFactory]:
+async def make_proxy(upstream: Upstream, prefix: str) -> AsyncIterator[ProxyFactory]:
     """Start a proxy in this test's event loop: ``await make_proxy(policy_yaml, store=url)``."""
     started: list[ProxyServer] = []
 

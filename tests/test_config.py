@@ -619,22 +619,6 @@ NOT_SUPPORTED = [
         "store.service_name",
         id="service-name",
     ),
-    pytest.param(
-        """
-        admin:
-          token: s3cret
-        """,
-        "admin.token",
-        id="admin-token",
-    ),
-    pytest.param(
-        """
-        admin:
-          token: ${ADMIN_TOKEN:-s3cret}
-        """,
-        "admin.token",
-        id="admin-token-from-default",
-    ),
 ]
 
 

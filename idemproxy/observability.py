@@ -1,0 +1,129 @@
+"""Metrics (Prometheus, via prometheus-client) and logs (one JSON line per request and event).
+
+Labels are bounded: ``route`` is a route's name or pattern, never a raw path; ``outcome`` is one
+of ``engine.Outcome``; ``operation`` one of the store's methods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from idemproxy.engine import Outcome
+
+UNMATCHED = "unmatched"
+LogFormat = Literal["json", "text"]
+
+access_log = logging.getLogger("idemproxy.access")
+event_log = logging.getLogger("idemproxy")
+
+
+class Metrics:
+    """The proxy's metrics, in a registry of its own (one per ProxyServer)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "idemproxy_requests",
+            "Requests by route and outcome.",
+            ["route", "outcome"],
+            registry=self.registry,
+        )
+        self.upstream_duration = Histogram(
+            "idemproxy_upstream_duration_seconds",
+            "Time until the upstream's response headers arrived.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.store_duration = Histogram(
+            "idemproxy_store_duration_seconds",
+            "Duration of store calls.",
+            ["operation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.locks_in_flight = Gauge(
+            "idemproxy_locks_in_flight",
+            "Leases this process holds while their upstream call runs.",
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass(slots=True)
+class Trace:
+    """What one request turned out to be, filled in as it goes; logged and counted at the end."""
+
+    method: str
+    path: str
+    started: float
+    route: str = UNMATCHED
+    outcome: Outcome = Outcome.PASSTHROUGH
+    key_hash: str | None = None
+
+    def finish(self, metrics: Metrics, status: int) -> None:
+        duration = time.monotonic() - self.started
+        metrics.requests.labels(self.route, self.outcome.value).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": self.method,
+                        "path": self.path,
+                        "route": self.route,
+                        "outcome": self.outcome.value,
+                        "status": status,
+                        "duration_ms": round(duration * 1000, 3),
+                        "key_hash": self.key_hash,
+                    }
+                },
+            )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """For humans at a terminal: the message, then the fields as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        base = f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
+        return f"{base} {extra}" if extra else base
+
+
+def setup_logging(log_format: LogFormat) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def event(message: str, level: int = logging.INFO, **fields: Any) -> None:
+    """A startup / shutdown / reload / store-error event as one log line."""
+    event_log.log(level, message, extra={"fields": fields})

@@ -1,0 +1,311 @@
+"""Operating idemproxy: metrics, the keys API and its CLI, JSON logs, reload on SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from idemproxy.observability import JsonFormatter
+from tests.conftest import HOST, ProxyFactory, RunningProxy, Upstream, free_port, run_cli
+
+TOKEN = "admin-token-for-tests-0123456789"
+POLICY = f"""
+admin:
+  token: {TOKEN}
+routes:
+  - name: create-order
+    match: {{methods: [POST], path: /orders}}
+    key: {{required: true}}
+  - match: {{methods: [POST], path: "/payments/{{id}}/capture"}}
+"""
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+async def scrape(http: aiohttp.ClientSession, proxy: RunningProxy) -> str:
+    async with http.get(proxy.admin_url + "/metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        return await response.text()
+
+
+async def test_metrics_count_outcomes_per_route_label(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(POLICY)
+    headers = {"Idempotency-Key": "m-1"}
+    for _ in range(2):
+        async with http.post(proxy.url + "/orders", data=b"a", headers=headers):
+            pass
+    async with http.post(proxy.url + "/orders", data=b"b", headers=headers):
+        pass
+    async with http.post(proxy.url + "/orders", data=b"a"):
+        pass
+    for order in ("1", "2"):
+        headers = {"Idempotency-Key": f"pay-{order}"}
+        async with http.post(f"{proxy.url}/payments/{order}/capture", headers=headers):
+            pass
+    async with http.get(proxy.url + "/anything"):
+        pass
+
+    text = await scrape(http, proxy)
+    counts = samples(text, "idemproxy_requests_total")
+    assert counts[(("outcome", "new"), ("route", "create-order"))] == 1
+    assert counts[(("outcome", "replayed"), ("route", "create-order"))] == 1
+    assert counts[(("outcome", "mismatch"), ("route", "create-order"))] == 1
+    assert counts[(("outcome", "missing_key"), ("route", "create-order"))] == 1
+    # Raw paths never become labels: both captures count under the route's pattern.
+    assert counts[(("outcome", "new"), ("route", "POST /payments/{id}/capture"))] == 2
+    assert counts[(("outcome", "passthrough"), ("route", "unmatched"))] == 1
+    assert not any("/payments/1" in value for key in counts for _, value in key)
+    upstream_count = samples(text, "idemproxy_upstream_duration_seconds_count")
+    assert upstream_count[(("route", "create-order"),)] == 1
+    store_count = samples(text, "idemproxy_store_duration_seconds_count")
+    assert store_count[(("operation", "acquire"),)] >= 5
+    assert samples(text, "idemproxy_locks_in_flight")[()] == 0
+
+
+async def test_locks_in_flight_counts_a_running_keyed_request(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(POLICY)
+    slow = asyncio.create_task(
+        http.post(
+            proxy.url + "/orders",
+            data=b"a",
+            headers={"Idempotency-Key": "slow", "X-Test-Delay": "0.5"},
+        )
+    )
+    for _ in range(50):
+        if upstream.count():
+            break
+        await asyncio.sleep(0.02)
+    text = await scrape(http, proxy)
+    assert samples(text, "idemproxy_locks_in_flight")[()] == 1
+    (await slow).release()
+
+
+@pytest.fixture
+async def admin(make_proxy: ProxyFactory, store_url: str) -> RunningProxy:
+    """A proxy with the keys API enabled, on each store."""
+    return await make_proxy(POLICY, store=store_url)
+
+
+async def test_keys_api_rejects_a_missing_wrong_or_empty_token(
+    admin: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = admin
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Bearer "},
+        {"Authorization": TOKEN},
+    ):
+        for method in ("GET", "DELETE"):
+            async with http.request(method, proxy.admin_url + "/keys/k", headers=headers) as r:
+                assert r.status == 401
+                assert r.headers["WWW-Authenticate"].startswith("Bearer")
+                assert (await r.json())["code"] == "unauthorized"
+
+
+async def test_keys_api_inspects_and_purges_a_key(
+    admin: RunningProxy, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    proxy = admin
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client = {"Idempotency-Key": "order-77", "Authorization": "Bearer alice"}
+    async with http.post(proxy.url + "/orders", data=b"tea", headers=client) as response:
+        body = await response.read()
+
+    url = proxy.admin_url + "/keys/order-77"
+    async with http.get(url, headers=auth) as response:
+        assert response.status == 404  # the key lives in alice's scope, not the empty one
+        assert (await response.json())["code"] == "key_not_found"
+    scoped = url + "?scope=Bearer%20alice"
+    async with http.get(scoped, headers=auth) as response:
+        assert response.status == 200
+        info = await response.json()
+    assert info["state"] == "completed"
+    assert info["status"] == 201
+    assert 0 < info["expires_in_seconds"] <= 24 * 3600
+    assert info["age_seconds"] >= 0
+    assert "body_base64" not in info
+    async with http.get(scoped + "&body=1", headers=auth) as response:
+        full = await response.json()
+    assert base64.b64decode(full["body_base64"]) == body
+
+    async with http.delete(scoped, headers=auth) as response:
+        assert response.status == 204
+    async with http.delete(scoped, headers=auth) as response:
+        assert response.status == 404
+    # Purged: the same request runs again.
+    async with http.post(proxy.url + "/orders", data=b"tea", headers=client) as response:
+        assert "Idempotent-Replayed" not in response.headers
+    assert upstream.count() == 2
+
+
+async def test_keys_api_is_disabled_without_a_token(
+    make_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy("")
+    async with http.get(proxy.admin_url + "/keys/k") as response:
+        assert response.status == 404
+        assert (await response.json())["code"] == "keys_api_disabled"
+
+
+async def test_keys_cli_gets_and_deletes(admin: RunningProxy, http: aiohttp.ClientSession) -> None:
+    proxy = admin
+    async with http.post(proxy.url + "/orders", data=b"x", headers={"Idempotency-Key": "cli-1"}):
+        pass
+    env = {"IDEMPROXY_ADMIN_TOKEN": TOKEN}
+
+    def cli(*args: str, token: dict[str, str] = env) -> subprocess.CompletedProcess[str]:
+        return run_cli("keys", *args, "--admin", proxy.admin_url, env=token)
+
+    got = await asyncio.to_thread(cli, "get", "cli-1")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["state"] == "completed"
+    wrong = await asyncio.to_thread(cli, "get", "cli-1", token={"IDEMPROXY_ADMIN_TOKEN": "nope"})
+    assert wrong.returncode == 2
+    assert "401" in wrong.stderr
+    deleted = await asyncio.to_thread(cli, "delete", "cli-1")
+    assert deleted.returncode == 0
+    missing = await asyncio.to_thread(cli, "get", "cli-1")
+    assert missing.returncode == 1
+
+
+async def test_access_log_is_json_without_raw_keys_bodies_or_credentials(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = await make_proxy(POLICY)
+    secret_key = "very-secret-key-4711"
+    headers = {"Idempotency-Key": secret_key, "Authorization": "Bearer top-secret-credential"}
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            async with http.post(
+                proxy.url + "/orders?card=4242", data=b"secret-body-text", headers=headers
+            ):
+                pass
+    records = [r for r in caplog.records if r.name == "idemproxy.access"]
+    assert len(records) == 2
+    lines = [json.loads(JsonFormatter().format(r)) for r in records]
+    assert [line["outcome"] for line in lines] == ["new", "replayed"]
+    for line in lines:
+        assert {"time", "method", "path", "route", "outcome", "status", "duration_ms"} <= set(line)
+        assert line["path"] == "/orders"
+        assert line["status"] == 201
+        assert len(line["key_hash"]) == 64
+    # Everything idemproxy logged (the upstream fixture's own access log is not ours).
+    ours = [r for r in caplog.records if r.name.startswith("idemproxy")]
+    everything = "\n".join(JsonFormatter().format(r) for r in ours)
+    for secret in (secret_key, "top-secret-credential", "secret-body-text", "4242"):
+        assert secret not in everything
+
+
+def _start(policy: Path, upstream_url: str, listen: int, admin: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "idemproxy",
+            "run",
+            "-c",
+            str(policy),
+            "--upstream",
+            upstream_url,
+            "--listen",
+            f"{HOST}:{listen}",
+            "--admin",
+            f"{HOST}:{admin}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
+
+
+async def _wait_healthy(http: aiohttp.ClientSession, admin_port: int) -> None:
+    for _ in range(100):
+        try:
+            async with http.get(f"http://{HOST}:{admin_port}/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("the proxy did not become healthy")
+
+
+async def test_sighup_reloads_a_good_policy_and_keeps_the_old_one_on_a_bad_one(
+    tmp_path: Path, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("routes:\n  - match: {methods: [POST], path: /orders}\n")
+    listen, admin_port = free_port(), free_port()
+    process = _start(policy, upstream.url, listen, admin_port)
+    base = f"http://{HOST}:{listen}"
+
+    async def status_without_key(path: str) -> int:
+        async with http.post(base + path, data=b"x") as response:
+            return response.status
+
+    try:
+        await _wait_healthy(http, admin_port)
+        assert await status_without_key("/orders") == 201  # key optional
+
+        policy.write_text(
+            "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: true}\n"
+        )
+        process.send_signal(signal.SIGHUP)
+        for _ in range(50):
+            if await status_without_key("/orders") == 400:
+                break
+            await asyncio.sleep(0.1)
+        assert await status_without_key("/orders") == 400
+
+        policy.write_text("routes:\n  - match: {methods: [POST], path: orders}\n    ttl: 3x\n")
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert process.poll() is None
+        assert await status_without_key("/orders") == 400  # the old policy keeps serving
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=15)
+    assert process.returncode == 0
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    messages = [e["message"] for e in events]
+    assert "policy reloaded" in messages
+    refused = [e for e in events if e["message"].startswith("reload refused")]
+    assert len(refused) == 1
+    assert any("routes[0].ttl" in p for p in refused[0]["problems"])
+    assert messages[-1] == "idemproxy stopped"
+
+
+def test_text_log_format_is_for_humans() -> None:
+    result = run_cli(
+        "run", "--upstream", "http://127.0.0.1:1", "--listen", "bad", "--log-format", "text"
+    )
+    assert result.returncode == 1
+    assert "--listen" in result.stderr
