@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a policy file")
     check.add_argument("-c", "--config", help=f"policy file (default: ${CONFIG_ENV})")
     commands.add_parser("version", help="print the version")
+    commands.add_parser("schema", help="print the JSON Schema of the policy file")
     keys = commands.add_parser("keys", help="inspect or purge one key through the admin API")
     keys.add_argument("action", choices=("get", "delete"))
     keys.add_argument("key", help="the idempotency key as the client sent it")
@@ -77,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"idemproxy {__version__}")
+        return 0
+    if args.command == "schema":
+        from idemproxy.schema import schema_text
+
+        print(schema_text(), end="")
         return 0
     if args.command == "keys":
         from idemproxy.keys_client import keys_command

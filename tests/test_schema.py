@@ -16,8 +16,16 @@ import yaml
 
 from idemproxy import config
 from idemproxy.config import ConfigError, load_text
-from idemproxy.schema import DESCRIPTIONS, PATTERNS, policy_schema, schema_text, yaml_name
+from idemproxy.schema import (
+    DESCRIPTIONS,
+    PATTERNS,
+    SCHEMA_FILE,
+    policy_schema,
+    schema_text,
+    yaml_name,
+)
 from idemproxy.units import parse_duration, parse_host_port, parse_size
+from tests.conftest import run_cli
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.yaml"))
 SCHEMA = policy_schema()
@@ -157,3 +165,9 @@ def test_patterns_agree_with_the_parsers(marker: str) -> None:
     parse, values = SAMPLES[marker]
     for value in values:
         assert bool(re.search(PATTERNS[marker], value)) == accepts(parse, value), value
+
+
+def test_schema_command_prints_the_shipped_schema() -> None:
+    result = run_cli("schema")
+    assert result.returncode == 0
+    assert result.stdout == SCHEMA_FILE.read_text(encoding="utf-8")
