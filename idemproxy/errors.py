@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from idemproxy.responses import VerbatimResponse
+
 PROBLEM_BASE_URI = "https://idemproxy.dev/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -101,7 +103,8 @@ class ProblemError(IdemproxyError):
         return headers
 
     def response(self) -> web.Response:
-        resp = web.Response(status=self.status, body=self.body())
+        # Verbatim, so that a stored problem replays with exactly the headers it first had.
+        resp = VerbatimResponse(status=self.status, body=self.body())
         for name, value in self.headers():
             resp.headers[name] = value
         return resp

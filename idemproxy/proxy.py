@@ -30,14 +30,9 @@ from idemproxy.keys import (
 from idemproxy.observability import Metrics, Trace, event
 from idemproxy.policy import Policy
 from idemproxy.records import StoredResponse
+from idemproxy.responses import VerbatimResponse, VerbatimStreamResponse
 from idemproxy.store import Store
-from idemproxy.upstream import (
-    Exchange,
-    Upstream,
-    UpstreamFailure,
-    VerbatimResponse,
-    VerbatimStreamResponse,
-)
+from idemproxy.upstream import Exchange, Upstream, UpstreamFailure
 
 log = logging.getLogger("idemproxy")
 

@@ -23,6 +23,7 @@ from yarl import URL
 from idemproxy.config import UpstreamConfig
 from idemproxy.engine import UpstreamFailureKind
 from idemproxy.errors import ProblemError
+from idemproxy.responses import VerbatimStreamResponse
 
 HOP_BY_HOP = frozenset(
     {
@@ -63,33 +64,6 @@ def end_to_end(raw_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, 
         if name.lower() == "connection":
             dropped.update(token.strip().lower() for token in value.split(","))
     return [(name, value) for name, value in pairs if name.lower() not in dropped]
-
-
-_FILLED_IN = (hdrs.CONTENT_TYPE, hdrs.SERVER)
-
-
-class VerbatimResponse(web.Response):
-    """A response that carries the upstream's headers as they were.
-
-    aiohttp fills in ``Content-Type: application/octet-stream`` and its own ``Server`` when a
-    response lacks them; a proxy must not, so those are taken out again when they were added.
-    """
-
-    async def _prepare_headers(self) -> None:
-        added = [name for name in _FILLED_IN if name not in self.headers]
-        await super()._prepare_headers()
-        for name in added:
-            self.headers.popall(name, None)
-
-
-class VerbatimStreamResponse(web.StreamResponse):
-    """The streaming twin of ``VerbatimResponse``."""
-
-    async def _prepare_headers(self) -> None:
-        added = [name for name in _FILLED_IN if name not in self.headers]
-        await super()._prepare_headers()
-        for name in added:
-            self.headers.popall(name, None)
 
 
 @dataclass(slots=True)
