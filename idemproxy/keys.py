@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 
 import msgspec
 
@@ -137,10 +139,30 @@ def canonical_body(body: bytes) -> bytes:
     stripped = body.lstrip()
     if stripped[:1] in (b"{", b"["):
         try:
-            return b"J" + msgspec.json.encode(msgspec.json.decode(body), order="sorted")
-        except (msgspec.DecodeError, msgspec.EncodeError, RecursionError, ValueError, TypeError):
-            pass
+            document = json.loads(
+                body, parse_float=_exact_number, object_pairs_hook=_unique_names
+            )
+            return b"J" + _CANONICAL.encode(document)
+        except (ValueError, RecursionError, msgspec.EncodeError):
+            pass  # not JSON, or JSON whose meaning is not clear-cut: compared as sent
     return b"R" + body
+
+
+# Numbers keep their exact value (0.30000000000000001 is not 0.3), compared by value (1.0 is 1).
+_CANONICAL = msgspec.json.Encoder(decimal_format="number", order="sorted")
+
+
+def _exact_number(literal: str) -> Decimal:
+    number = Decimal(literal)
+    return number.normalize() if number.is_finite() else number
+
+
+def _unique_names(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """Duplicate names mean different things to different parsers: keep such bodies raw."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("duplicate names in a JSON object")
+    return document
 
 
 def fingerprint(
@@ -163,5 +185,6 @@ def fingerprint(
         parts.append(b"")
     for name in policy.headers:
         values = headers(name)
-        parts.append(name.encode() + b":" + "\n".join(values).encode("latin-1", "replace"))
+        joined = "\n".join(values).encode("utf-8", "surrogateescape")
+        parts.append(name.encode() + b":" + joined)
     return hashlib.sha256(_length_prefixed(parts)).hexdigest()

@@ -153,7 +153,7 @@ class KeyedProxy:
             request.method,
             request.path,
             request.query_string,
-            request.headers.getall,
+            lambda name: request.headers.getall(name, []),
             body,
         )
         scope_values = [request.headers.get(h, "") for h in route.scope_headers]
