@@ -55,7 +55,8 @@ class ProxyServer:
             fail_open=config.store.on_error == "fail_open",
             metrics=self.metrics,
         )
-        server = web.Server(self.handler.handle, access_log=None)
+        # auto_decompress=False: request bodies go upstream exactly as the client encoded them.
+        server = web.Server(self.handler.handle, access_log=None, auto_decompress=False)
         self._proxy = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
         admin = AdminContext(self.store, self.metrics, config.store.key_prefix, config.admin_token)
         self._admin = web.AppRunner(create_admin_app(admin), access_log=None)
