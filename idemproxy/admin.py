@@ -10,13 +10,13 @@ import asyncio
 import base64
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from idemproxy.errors import ProblemError, StoreUnavailable
 from idemproxy.keys import store_key
-from idemproxy.observability import Metrics
 from idemproxy.records import Record
 from idemproxy.store import Store
 
@@ -26,7 +26,7 @@ READY_TIMEOUT = 2.0
 @dataclass(frozen=True, slots=True)
 class AdminContext:
     store: Store
-    metrics: Metrics
+    exposition: Callable[[], bytes]  # the Prometheus text of this process, or of all workers
     key_prefix: str
     token: str
 
@@ -49,7 +49,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[ADMIN].metrics.exposition()
+    body = request.app[ADMIN].exposition()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 

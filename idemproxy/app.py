@@ -42,8 +42,11 @@ def _bound(runner: web.BaseRunner) -> tuple[str, int]:
 class ProxyServer:
     """The proxy listener and the admin listener of one process."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: bool = False) -> None:
+        """``worker``: one of several processes sharing the listen port (SO_REUSEPORT); the
+        supervisor, not the worker, serves the admin listener."""
         self.config = config
+        self.worker = worker
         self.metrics = Metrics()
         self.store = TimedStore(open_store(config.store), self.metrics.store_duration)
         self.upstream = Upstream(config.upstream)
@@ -58,21 +61,24 @@ class ProxyServer:
         # auto_decompress=False: request bodies go upstream exactly as the client encoded them.
         server = web.Server(self.handler.handle, access_log=None, auto_decompress=False)
         self._proxy = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
-        admin = AdminContext(self.store, self.metrics, config.store.key_prefix, config.admin_token)
+        admin = AdminContext(
+            self.store, self.metrics.exposition, config.store.key_prefix, config.admin_token
+        )
         self._admin = web.AppRunner(create_admin_app(admin), access_log=None)
 
     async def start(self) -> None:
         await self.upstream.start()
         await self._proxy.setup()
-        await self._admin.setup()
         host, port = self.config.listen
-        await web.TCPSite(self._proxy, host, port).start()
-        admin_host, admin_port = self.config.admin_listen
-        await web.TCPSite(self._admin, admin_host, admin_port).start()
+        await web.TCPSite(self._proxy, host, port, reuse_port=self.worker or None).start()
+        if not self.worker:
+            await self._admin.setup()
+            admin_host, admin_port = self.config.admin_listen
+            await web.TCPSite(self._admin, admin_host, admin_port).start()
         event(
-            "idemproxy started",
+            "idemproxy started" if not self.worker else "idemproxy worker started",
             listen="{}:{}".format(*self.address),
-            admin="{}:{}".format(*self.admin_address),
+            admin="{}:{}".format(*self.admin_address) if not self.worker else None,
             upstream=self.config.upstream.url,
             store=redact(self.config.store.url),
             routes=len(self.config.routes),
@@ -106,7 +112,9 @@ class ProxyServer:
         ``KeyedProxy._forward_holding_lease``), so no lease is left behind by a clean stop.
         """
         await self._proxy.cleanup()
-        await self._admin.cleanup()
+        await self.handler.drain()
+        if not self.worker:
+            await self._admin.cleanup()
         await self.upstream.close()
         await self.store.close()
 
@@ -129,9 +137,11 @@ def _reload(server: ProxyServer, path: str | None, flags: Overrides) -> None:
     event("policy reloaded", file=path, routes=len(new.routes), needs_restart=ignored)
 
 
-async def serve(config: Config, path: str | None = None, flags: Overrides | None = None) -> None:
+async def serve(
+    config: Config, path: str | None = None, flags: Overrides | None = None, worker: bool = False
+) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads ``path``."""
-    server = ProxyServer(config)
+    server = ProxyServer(config, worker=worker)
     try:
         await server.start()
     except OSError as exc:

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
+def run_loop(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is optional (not on Windows)
@@ -110,15 +110,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             "idemproxy run: no upstream: pass --upstream URL or set upstream.url", file=sys.stderr
         )
         return 1
-    if args.workers != 1:
+    if args.workers < 1:
+        print("idemproxy run: --workers must be at least 1", file=sys.stderr)
+        return 1
+    if args.workers > 1 and config.store.url == "memory://":
         print(
-            "idemproxy run: --workers is not supported yet; run one process per core behind "
-            "a shared Redis store instead",
+            "idemproxy run: --workers > 1 needs a shared store: each worker process would have "
+            "its own memory store, so a retry landing on another worker would run again. "
+            "Use --store redis://HOST:6379/0, or run one worker.",
             file=sys.stderr,
         )
         return 1
     setup_logging(args.log_format)
+    if args.workers > 1:
+        from idemproxy.supervisor import run_workers
+
+        return run_workers(config, path, flags, args.workers, args.log_format)
     from idemproxy.app import serve
 
-    _run_loop(serve(config, path, flags))
+    run_loop(serve(config, path, flags))
     return 0

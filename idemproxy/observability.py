@@ -50,8 +50,9 @@ class Metrics:
         )
         self.locks_in_flight = Gauge(
             "idemproxy_locks_in_flight",
-            "Leases this process holds while their upstream call runs.",
+            "Leases held while their upstream call runs.",
             registry=self.registry,
+            multiprocess_mode="livesum",  # with --workers: summed over the live workers
         )
 
     def exposition(self) -> bytes:

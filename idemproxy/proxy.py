@@ -72,6 +72,7 @@ class KeyedProxy:
         self.key_prefix = key_prefix
         self.fail_open = fail_open
         self.metrics = metrics
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace(request.method, request.path, time.monotonic())
@@ -283,28 +284,70 @@ class KeyedProxy:
     async def _settle(self, lease: _Lease, response: StoredResponse | None, release: bool) -> None:
         """Release the lease, or complete it with ``response`` (None: not replayable).
 
-        The client gets its answer regardless: a store error here only means the lease
-        expires on its own after ``lock_ttl``.
+        The client gets its answer regardless. When the store is down at this moment, the
+        settlement is retried in the background for as long as the lease lasts: a record lost
+        to a short store outage would let a retry run the request a second time.
         """
         try:
-            if release:
-                settled = await self.store.release(lease.key, lease.token)
-            else:
-                settled = await self.store.complete(lease.key, lease.token, response, lease.ttl)
+            settled = await self._settle_once(lease, response, release)
         except StoreUnavailable as exc:
             event(
-                "store unavailable when settling a lease; it expires after lock_ttl",
+                "store unavailable when settling a lease; retrying in the background",
                 logging.WARNING,
                 error=str(exc),
                 key_hash=lease.trace.key_hash,
             )
+            task = asyncio.create_task(
+                self._settle_later(lease, response, release), name="settle-retry"
+            )
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
             return
         if not settled:
-            event(
-                "lease lost before the response could be recorded",
-                logging.WARNING,
-                key_hash=lease.trace.key_hash,
-            )
+            self._lease_lost(lease)
+
+    async def _settle_once(
+        self, lease: _Lease, response: StoredResponse | None, release: bool
+    ) -> bool:
+        if release:
+            return await self.store.release(lease.key, lease.token)
+        return await self.store.complete(lease.key, lease.token, response, lease.ttl)
+
+    async def _settle_later(
+        self, lease: _Lease, response: StoredResponse | None, release: bool
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + lease.route.lock_ttl
+        delay = _FIRST_POLL * 10
+        while loop.time() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            try:
+                settled = await self._settle_once(lease, response, release)
+            except StoreUnavailable:
+                continue
+            if settled:
+                event("lease settled after the store came back", key_hash=lease.trace.key_hash)
+            else:
+                self._lease_lost(lease)
+            return
+        event(
+            "store still unavailable; the lease expires after lock_ttl",
+            logging.WARNING,
+            key_hash=lease.trace.key_hash,
+        )
+
+    async def drain(self) -> None:
+        """Wait for settlements still being retried (each is bounded by its lease)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    def _lease_lost(self, lease: _Lease) -> None:
+        event(
+            "lease lost before the response could be recorded",
+            logging.WARNING,
+            key_hash=lease.trace.key_hash,
+        )
 
     @contextlib.asynccontextmanager
     async def _renewing(self, lease: _Lease) -> AsyncIterator[None]:
