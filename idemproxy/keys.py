@@ -139,9 +139,7 @@ def canonical_body(body: bytes) -> bytes:
     stripped = body.lstrip()
     if stripped[:1] in (b"{", b"["):
         try:
-            document = json.loads(
-                body, parse_float=_exact_number, object_pairs_hook=_unique_names
-            )
+            document = json.loads(body, parse_float=_exact_number, object_pairs_hook=_unique_names)
             return b"J" + _CANONICAL.encode(document)
         except (ValueError, RecursionError, msgspec.EncodeError):
             pass  # not JSON, or JSON whose meaning is not clear-cut: compared as sent
