@@ -42,7 +42,6 @@ HostPort = Annotated[str, "host:port"]
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
-NOT_SUPPORTED = "not supported yet"
 
 
 # --- the file, one dataclass per mapping; None means "not written" -------------------------
@@ -121,7 +120,7 @@ class UpstreamFile:
 class StoreFile:
     url: str | None = None
     mode: StoreMode | None = None
-    sentinels: list[str] | None = None
+    sentinels: list[HostPort] | None = None
     service_name: str | None = None
     key_prefix: str | None = None
     on_error: OnError | None = None
@@ -196,6 +195,9 @@ class StoreConfig:
     url: str
     key_prefix: str
     on_error: OnError
+    mode: StoreMode = "standalone"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -659,12 +661,8 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
     error = _store_url(store_url)
     if error:
         b.problem("--store" if flags.store else "store.url", error)
-    if st.mode not in (None, "standalone"):
-        b.problem("store.mode", f"mode {st.mode} is {NOT_SUPPORTED}; use standalone")
-    if st.sentinels:
-        b.problem("store.sentinels", f"{NOT_SUPPORTED} (Sentinel)")
-    if st.service_name is not None:
-        b.problem("store.service_name", f"{NOT_SUPPORTED} (Sentinel)")
+    mode = st.mode or "standalone"
+    sentinels = _sentinels(mode, st, store_url, b)
 
     defaults = _merge(BUILTIN_DEFAULTS, doc.defaults)
     resolver = _Resolver(b)
@@ -695,10 +693,41 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
             url=store_url,
             key_prefix=st.key_prefix if st.key_prefix is not None else "idem:",
             on_error=st.on_error or "fail_closed",
+            mode=mode,
+            sentinels=sentinels,
+            service_name=st.service_name or "",
         ),
         routes=tuple(routes),
         source=source,
     )
+
+
+def _sentinels(
+    mode: StoreMode, st: StoreFile, store_url: str, b: _Builder
+) -> tuple[tuple[str, int], ...]:
+    """Check the fields that only some store modes use; return the Sentinel addresses."""
+    scheme = urlsplit(store_url).scheme
+    if mode != "standalone" and scheme not in ("redis", "rediss"):
+        b.problem("store.mode", f"mode {mode} needs a redis:// or rediss:// store URL")
+    if mode != "sentinel":
+        # An empty list is what the SPEC's own example writes; anything more would be ignored.
+        if st.sentinels:
+            b.problem("store.sentinels", "sentinels are only used with mode: sentinel")
+        if st.service_name is not None and mode == "cluster":
+            b.problem("store.service_name", "service_name is only used with mode: sentinel")
+        return ()
+    already_reported = any(p.path.startswith("store.sentinels[") for p in b.problems)
+    if not st.sentinels and not already_reported:
+        b.problem("store.sentinels", "mode sentinel needs at least one HOST:PORT")
+    if not st.service_name:
+        b.problem("store.service_name", "mode sentinel needs the master's service name")
+    addresses = []
+    for i, entry in enumerate(st.sentinels or []):
+        try:
+            addresses.append(parse_host_port(entry))
+        except ValueError as exc:
+            b.problem(f"store.sentinels[{i}]", str(exc))
+    return tuple(addresses)
 
 
 def _address(

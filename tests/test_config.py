@@ -586,22 +586,37 @@ def test_errors_in_one_route_do_not_hide_errors_in_the_same_route() -> None:
 
 # --- features that are not built yet are refused, never ignored ---------------------------
 
-NOT_SUPPORTED = [
+STORE_MODE_PROBLEMS = [
     pytest.param(
         """
         store:
+          url: redis://127.0.0.1:6379/0
           mode: sentinel
+          service_name: mymaster
         """,
-        "store.mode",
-        id="store-mode-sentinel",
+        "store.sentinels",
+        id="sentinel-without-sentinels",
     ),
     pytest.param(
         """
         store:
-          mode: cluster
+          url: redis://127.0.0.1:6379/0
+          mode: sentinel
+          sentinels: [127.0.0.1:26379]
         """,
-        "store.mode",
-        id="store-mode-cluster",
+        "store.service_name",
+        id="sentinel-without-service-name",
+    ),
+    pytest.param(
+        """
+        store:
+          url: redis://127.0.0.1:6379/0
+          mode: sentinel
+          sentinels: [127.0.0.1]
+          service_name: mymaster
+        """,
+        "store.sentinels[0]",
+        id="sentinel-address-without-port",
     ),
     pytest.param(
         """
@@ -609,24 +624,46 @@ NOT_SUPPORTED = [
           sentinels: [10.0.0.1:26379]
         """,
         "store.sentinels",
-        id="sentinels",
+        id="sentinels-without-sentinel-mode",
     ),
     pytest.param(
         """
         store:
+          url: redis://127.0.0.1:7000/0
+          mode: cluster
           service_name: mymaster
         """,
         "store.service_name",
-        id="service-name",
+        id="service-name-with-cluster",
+    ),
+    pytest.param(
+        """
+        store:
+          mode: cluster
+        """,
+        "store.mode",
+        id="cluster-on-memory-store",
     ),
 ]
 
 
-@pytest.mark.parametrize(("text", "path"), NOT_SUPPORTED)
-def test_unbuilt_feature_is_refused(text: str, path: str) -> None:
+@pytest.mark.parametrize(("text", "path"), STORE_MODE_PROBLEMS)
+def test_store_mode_fields_must_fit_the_mode(text: str, path: str) -> None:
     problem = only_problem(text)
     assert problem.path == path
-    assert "not supported" in problem.message
+
+
+def test_sentinel_store_config_is_resolved() -> None:
+    cfg = load_text(
+        "store:\n  url: redis://:pw@127.0.0.1:6379/2\n  mode: sentinel\n"
+        "  sentinels: [127.0.0.1:26379, 'localhost:26380']\n  service_name: mymaster\n",
+        "policy.yaml",
+        None,
+        {},
+    )
+    assert cfg.store.mode == "sentinel"
+    assert cfg.store.sentinels == (("127.0.0.1", 26379), ("localhost", 26380))
+    assert cfg.store.service_name == "mymaster"
 
 
 @pytest.mark.parametrize(

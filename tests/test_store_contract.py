@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
+from idemproxy.config import StoreConfig
 from idemproxy.errors import StoreUnavailable
 from idemproxy.records import COMPLETED, IN_FLIGHT, UNREPLAYABLE, StoredResponse
 from idemproxy.store.base import Store
@@ -59,7 +60,7 @@ async def case(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[Sto
         store = MemoryStore()
     else:
         server: RedisProcess = request.getfixturevalue("redis_server")
-        store = RedisStore(server.url)
+        store = RedisStore(StoreConfig(server.url, "", "fail_closed"))
     yield StoreCase(request.param, store, prefix)
     await store.close()
 
@@ -449,7 +450,7 @@ async def raw_redis(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]
 
 @pytest.fixture
 async def redis_store(redis_server: RedisProcess) -> AsyncIterator[RedisStore]:
-    store = RedisStore(redis_server.url)
+    store = RedisStore(StoreConfig(redis_server.url, "", "fail_closed"))
     yield store
     await store.close()
 
@@ -498,7 +499,7 @@ CALLS: dict[str, StoreCall] = {
 
 @pytest.mark.parametrize("name", list(CALLS))
 async def test_redis_unreachable_raises_store_unavailable(name: str) -> None:
-    store = RedisStore(f"redis://{HOST}:{free_port()}/0")
+    store = RedisStore(StoreConfig(f"redis://{HOST}:{free_port()}/0", "", "fail_closed"))
     try:
         with pytest.raises(StoreUnavailable):
             await CALLS[name](store)

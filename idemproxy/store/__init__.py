@@ -13,7 +13,7 @@ def open_store(config: StoreConfig) -> Store:
         return MemoryStore()
     from idemproxy.store.redis import RedisStore
 
-    return RedisStore(config.url)
+    return RedisStore(config)
 
 
 __all__ = ["Store", "open_store"]

@@ -1,4 +1,4 @@
-"""Redis store (standalone). One Lua script per state change, each touching exactly one key.
+"""Redis store: standalone, Sentinel or Cluster. One Lua script per state change, one key each.
 
 A record is a hash: ``s`` state, ``f`` fingerprint, ``t`` lease token, ``c`` creation time (ms),
 ``r`` the msgpack-encoded response. Value and expiry are always written by the same script, so no
@@ -11,12 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from idemproxy.config import StoreConfig
 from idemproxy.errors import StoreUnavailable
 from idemproxy.records import (
     COMPLETED,
@@ -107,21 +111,42 @@ def _ms(seconds: float) -> int:
 
 
 class RedisStore:
-    def __init__(self, url: str) -> None:
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=STORE_TIMEOUT,
-            socket_connect_timeout=STORE_TIMEOUT,
-            # One quick retry rides over a dropped pooled connection; every script is safe to
-            # run twice because a retried call with the same token is recognised.
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=30,
-        )
+    def __init__(self, config: StoreConfig) -> None:
+        self._sentinel: Sentinel | None = None
+        self._redis = self._connect(config)
         self._acquire = self._redis.register_script(ACQUIRE)
         self._renew = self._redis.register_script(RENEW)
         self._complete = self._redis.register_script(COMPLETE)
         self._release = self._redis.register_script(RELEASE)
         self._get = self._redis.register_script(GET)
+
+    def _connect(self, config: StoreConfig) -> aioredis.Redis | RedisCluster:
+        """A client for the store's mode: standalone, Sentinel (follows failover) or Cluster."""
+        timeouts: dict[str, Any] = {
+            "socket_timeout": STORE_TIMEOUT,
+            "socket_connect_timeout": STORE_TIMEOUT,
+            # One quick retry rides over a dropped pooled connection; every script is safe to
+            # run twice because a retried call with the same token is recognised.
+            "retry": Retry(NoBackoff(), 1),
+        }
+        if config.mode == "cluster":
+            return RedisCluster.from_url(config.url, **timeouts)
+        if config.mode == "sentinel":
+            parts = urlsplit(config.url)
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(config.sentinels),
+                sentinel_kwargs={"socket_timeout": STORE_TIMEOUT},
+                **timeouts,
+            )
+            master: aioredis.Redis = self._sentinel.master_for(
+                config.service_name,
+                username=unquote(parts.username) if parts.username else None,
+                password=unquote(parts.password) if parts.password else None,
+                db=int(parts.path.strip("/") or "0"),
+                ssl=parts.scheme == "rediss",
+            )
+            return master
+        return aioredis.Redis.from_url(config.url, health_check_interval=30, **timeouts)
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -181,3 +206,6 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._sentinel is not None:
+            for client in self._sentinel.sentinels:
+                await client.aclose()

@@ -1,0 +1,236 @@
+"""Redis Cluster (3 masters) and Sentinel (master, replica, sentinel) from the redis-server binary.
+
+The proxy's scripts each name one key, so they run unchanged on a Cluster; Sentinel failover is
+followed without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from idemproxy.config import StoreConfig
+from idemproxy.records import COMPLETED, StoredResponse
+from idemproxy.store.redis import RedisStore
+from tests.conftest import (
+    HOST,
+    ProxyFactory,
+    RedisProcess,
+    Upstream,
+    free_port,
+    redis_server_binary,
+)
+
+pytestmark = pytest.mark.faults
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randint(20000, 30000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind((HOST, candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def redis_cli_binary() -> str:
+    return shutil.which("redis-cli") or str(Path(redis_server_binary()).with_name("redis-cli"))
+
+
+def cli(port: int, *args: str) -> str:
+    return subprocess.run(
+        [redis_cli_binary(), "-h", HOST, "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[int]]:
+    with tempfile.TemporaryDirectory() as workdir:
+        nodes = [
+            RedisProcess(
+                cluster_port(),
+                workdir,
+                extra=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{i}.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            )
+            for i in range(3)
+        ]
+        try:
+            for node in nodes:
+                node.start()
+            ports = [node.port for node in nodes]
+            cli(
+                ports[0],
+                "--cluster",
+                "create",
+                *(f"{HOST}:{p}" for p in ports),
+                "--cluster-yes",
+            )
+            deadline = time.monotonic() + 30
+            while "cluster_state:ok" not in cli(ports[0], "cluster", "info"):
+                assert time.monotonic() < deadline, "cluster did not form"
+                time.sleep(0.2)
+            yield ports
+        finally:
+            for node in nodes:
+                node.stop()
+
+
+async def test_cluster_store_spreads_keys_over_slots_and_keeps_the_contract(
+    cluster: list[int],
+) -> None:
+    store = RedisStore(
+        StoreConfig(f"redis://{HOST}:{cluster[0]}/0", "idem:", "fail_closed", mode="cluster")
+    )
+    try:
+        keys = [f"idem:cluster-{i}" for i in range(60)]
+        response = StoredResponse(201, [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")], b"\x00ok")
+        for key in keys:
+            assert await store.acquire(key, "fp", "t1", 5.0) is None
+            assert await store.complete(key, "t1", response, 60.0)
+        for key in keys:
+            record = await store.acquire(key, "fp", "t2", 5.0)
+            assert record is not None
+            assert record.state == COMPLETED
+            assert record.response == response
+        owners = Counter(cli(cluster[0], "cluster", "keyslot", key).strip() for key in keys[:10])
+        assert len(owners) > 1  # really more than one slot
+        per_node = [int(cli(port, "dbsize").strip()) for port in cluster]
+        assert sum(per_node) == len(keys)
+        assert sum(1 for n in per_node if n) >= 2  # the keys live on several masters
+        await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_cluster_through_the_proxy(
+    cluster: list[int], make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy("store: {mode: cluster}\n", store=f"redis://{HOST}:{cluster[0]}/0")
+    for i in range(10):
+        for _ in range(2):
+            headers = {"Idempotency-Key": f"c-{i}"}
+            async with http.post(proxy.url + "/orders", data=b"x", headers=headers) as response:
+                assert response.status == 201
+    assert upstream.count() == 10
+
+
+class SentinelSetup:
+    """A master, a replica and one sentinel (quorum 1) on loopback ports."""
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.master = RedisProcess(free_port(), workdir)
+        self.replica = RedisProcess(
+            free_port(), workdir, extra=["--replicaof", HOST, str(self.master.port)]
+        )
+        self.sentinel_port = free_port()
+        self.sentinel: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.master.start()
+        self.replica.start()
+        conf = Path(self.workdir) / "sentinel.conf"
+        conf.write_text(
+            f"port {self.sentinel_port}\nbind {HOST}\ndir {self.workdir}\n"
+            f"sentinel monitor mymaster {HOST} {self.master.port} 1\n"
+            "sentinel down-after-milliseconds mymaster 1000\n"
+            "sentinel failover-timeout mymaster 3000\n"
+        )
+        self.sentinel = subprocess.Popen(
+            [redis_server_binary(), str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if "slaves=1" in cli(self.sentinel_port, "info", "sentinel"):
+                    return
+            except subprocess.CalledProcessError:
+                pass
+            assert time.monotonic() < deadline, "sentinel did not see the replica"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.sentinel is not None:
+            self.sentinel.terminate()
+            self.sentinel.wait(10)
+        self.replica.stop()
+        self.master.stop()
+
+
+@pytest.fixture
+def sentinel() -> Iterator[SentinelSetup]:
+    with tempfile.TemporaryDirectory() as workdir:
+        setup = SentinelSetup(workdir)
+        try:
+            setup.start()
+            yield setup
+        finally:
+            setup.stop()
+
+
+async def test_sentinel_failover_is_followed_without_a_restart(
+    sentinel: SentinelSetup,
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    policy = (
+        "store:\n  mode: sentinel\n  service_name: mymaster\n"
+        f"  sentinels: ['{HOST}:{sentinel.sentinel_port}']\n"
+    )
+    proxy = await make_proxy(policy, store=f"redis://{HOST}:{sentinel.master.port}/0")
+
+    async def post(key: str) -> int:
+        async with http.post(
+            proxy.url + "/orders", data=b"x", headers={"Idempotency-Key": key}
+        ) as response:
+            return response.status
+
+    assert await post("before") == 201
+    cli(sentinel.master.port, "wait", "1", "2000")  # the record reached the replica
+    assert sentinel.master.process is not None
+    sentinel.master.process.send_signal(signal.SIGKILL)
+    sentinel.master.process.wait()
+
+    statuses: list[int] = []
+    for _ in range(150):  # failover: down-after 1 s, then promotion
+        statuses.append(await post("after"))
+        if statuses[-1] == 201:
+            break
+        await asyncio.sleep(0.2)
+    print(f"\n[sentinel-failover] attempts={len(statuses)} statuses={Counter(statuses)}")
+    assert statuses[-1] == 201
+    assert set(statuses) <= {201, 503}  # fail_closed while there is no master; never a 500
+    replay = await post("before")  # the record made before the failover is still there
+    assert replay == 201
+    assert upstream.count() == 2  # "before" once, "after" once; the replay did not run
