@@ -48,7 +48,10 @@ class ProxyServer:
         self.config = config
         self.worker = worker
         self.metrics = Metrics()
-        self.store = TimedStore(open_store(config.store), self.metrics.store_duration)
+        self.store = TimedStore(
+            open_store(config.store, config.limits.memory_store_max_keys),
+            self.metrics.store_duration,
+        )
         self.upstream = Upstream(config.upstream)
         self.handler = KeyedProxy(
             Policy(config.routes),
@@ -57,9 +60,19 @@ class ProxyServer:
             config.store.key_prefix,
             fail_open=config.store.on_error == "fail_open",
             metrics=self.metrics,
+            limits=config.limits,
         )
         # auto_decompress=False: request bodies go upstream exactly as the client encoded them.
-        server = web.Server(self.handler.handle, access_log=None, auto_decompress=False)
+        limits = config.limits
+        server = web.Server(
+            self.handler.handle,
+            access_log=None,
+            auto_decompress=False,
+            max_line_size=limits.max_request_line,
+            max_field_size=limits.max_header_size,
+            max_headers=limits.max_headers,
+            keepalive_timeout=limits.idle_timeout,
+        )
         self._proxy = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
         admin = AdminContext(
             self.store, self.metrics.exposition, config.store.key_prefix, config.admin_token

@@ -127,6 +127,17 @@ class StoreFile:
 
 
 @dataclass(frozen=True)
+class LimitsFile:
+    max_request_line: Size | None = None
+    max_header_size: Size | None = None
+    max_headers: int | None = None
+    idle_timeout: Duration | None = None
+    body_timeout: Duration | None = None
+    max_in_flight: int | None = None
+    memory_store_max_keys: int | None = None
+
+
+@dataclass(frozen=True)
 class PolicyDocument:
     version: int | None = None
     listen: HostPort | None = None
@@ -136,6 +147,7 @@ class PolicyDocument:
     store: StoreFile | None = None
     defaults: PolicyFile | None = None
     routes: list[RouteFile] | None = None
+    limits: LimitsFile | None = None
 
 
 # --- the resolved config the proxy runs on --------------------------------------------------
@@ -201,6 +213,19 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one client can make the proxy hold; README lists the defaults and why."""
+
+    max_request_line: int = 8190
+    max_header_size: int = 8190
+    max_headers: int = 100
+    idle_timeout: float = 75.0
+    body_timeout: float = 30.0
+    max_in_flight: int = 1024
+    memory_store_max_keys: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[str, int]
     admin_listen: tuple[str, int]
@@ -209,6 +234,7 @@ class Config:
     upstream: UpstreamConfig
     store: StoreConfig
     routes: tuple[RoutePolicy, ...]
+    limits: Limits = Limits()
     source: str | None = None
 
 
@@ -679,6 +705,7 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
         if resolved is not None:
             routes.append(resolved)
     return Config(
+        limits=_limits(doc.limits or LimitsFile(), b),
         listen=listen,
         admin_listen=admin_listen,
         admin_token=admin.token or "",
@@ -700,6 +727,21 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
         routes=tuple(routes),
         source=source,
     )
+
+
+def _limits(written: LimitsFile, b: _Builder) -> Limits:
+    values = {
+        f.name: getattr(written, f.name)
+        for f in dataclasses.fields(written)
+        if getattr(written, f.name) is not None
+    }
+    for name in ("max_headers", "max_in_flight", "memory_store_max_keys"):
+        if values.get(name, 1) < 1:
+            b.problem(f"limits.{name}", "must be at least 1")
+    for name in ("max_request_line", "max_header_size"):
+        if values.get(name, 1024) < 1024:
+            b.problem(f"limits.{name}", "must be at least 1KiB")
+    return Limits(**values)
 
 
 def _sentinels(

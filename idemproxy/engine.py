@@ -30,6 +30,8 @@ class Outcome(StrEnum):
     STORE_ERROR = "store_error"
     UPSTREAM_ERROR = "upstream_error"
     PRECONDITION = "precondition"  # 428 / 412 of require_if_match and etag_from_get
+    OVERLOADED = "overloaded"  # 503: limits.max_in_flight keyed requests already in progress
+    CLIENT_TIMEOUT = "client_timeout"  # 408: the body did not arrive within limits.body_timeout
 
 
 OUTCOME_OF_PROBLEM = {
@@ -44,6 +46,8 @@ OUTCOME_OF_PROBLEM = {
     "upstream_timeout": Outcome.UPSTREAM_ERROR,
     "precondition_required": Outcome.PRECONDITION,
     "precondition_failed": Outcome.PRECONDITION,
+    "proxy_overloaded": Outcome.OVERLOADED,
+    "request_timeout": Outcome.CLIENT_TIMEOUT,
 }
 
 

@@ -65,6 +65,8 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "store_unavailable": (503, "Store unavailable"),
     "precondition_required": (428, "Precondition required"),
     "precondition_failed": (412, "Precondition failed"),
+    "request_timeout": (408, "Request body too slow"),
+    "proxy_overloaded": (503, "Too many keyed requests in progress"),
     # the admin listener's own answers
     "unauthorized": (401, "Admin token missing or wrong"),
     "key_not_found": (404, "No record for this key"),

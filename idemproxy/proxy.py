@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from idemproxy import engine
-from idemproxy.config import Concurrency, RoutePolicy
+from idemproxy.config import Concurrency, Limits, RoutePolicy
 from idemproxy.engine import Existing, Outcome
 from idemproxy.errors import ProblemError, StoreUnavailable
 from idemproxy.keys import (
@@ -65,6 +65,7 @@ class KeyedProxy:
         key_prefix: str,
         fail_open: bool,
         metrics: Metrics,
+        limits: Limits,
     ) -> None:
         self.policy = policy
         self.store = store
@@ -72,7 +73,9 @@ class KeyedProxy:
         self.key_prefix = key_prefix
         self.fail_open = fail_open
         self.metrics = metrics
+        self.limits = limits
         self._settling: set[asyncio.Task[None]] = set()
+        self._keyed_in_flight = 0
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace(request.method, request.path, time.monotonic())
@@ -103,7 +106,15 @@ class KeyedProxy:
         if not route.keyed:
             await self._check_etag(request, route)
             return await self._passthrough(request, trace)
-        return await self._keyed(request, route, trace)
+        if self._keyed_in_flight >= self.limits.max_in_flight:
+            raise ProblemError(
+                "proxy_overloaded", "too many keyed requests in progress; retry shortly", 1
+            )
+        self._keyed_in_flight += 1
+        try:
+            return await self._keyed(request, route, trace)
+        finally:
+            self._keyed_in_flight -= 1
 
     async def _passthrough(
         self, request: web.BaseRequest, trace: Trace, body: bytes | None = None
@@ -131,12 +142,23 @@ class KeyedProxy:
                 "precondition_failed", "If-Match does not match the resource's current ETag"
             )
 
+    async def _read_body(self, request: web.BaseRequest, route: RoutePolicy) -> bytes:
+        """A keyed request's body, bounded in size and in time (a slow client holds memory)."""
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                return await _read_bounded(request, route.max_request_body)
+        except TimeoutError:
+            raise ProblemError(
+                "request_timeout",
+                f"the request body did not arrive within {self.limits.body_timeout:g}s",
+            ) from None
+
     async def _keyed(
         self, request: web.BaseRequest, route: RoutePolicy, trace: Trace
     ) -> web.StreamResponse:
         body = None
         if route.key.source == "body":
-            body = await _read_body(request, route.max_request_body)
+            body = await self._read_body(request, route)
         found = extract_key(route.key, request.headers.get, request.query.get, body or b"")
         client_key: str | None = None  # None: derive the key from the fingerprint
         if isinstance(found, str):
@@ -148,7 +170,7 @@ class KeyedProxy:
                 return await self._passthrough(request, trace, body)
             raise ProblemError(refusal.code, found.detail)
         if body is None:
-            body = await _read_body(request, route.max_request_body)
+            body = await self._read_body(request, route)
         print_ = fingerprint(
             route.fingerprint,
             request.method,
@@ -384,7 +406,7 @@ def _is_websocket(request: web.BaseRequest) -> bool:
     )
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
+async def _read_bounded(request: web.BaseRequest, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)

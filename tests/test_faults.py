@@ -282,7 +282,8 @@ async def test_redis_crash_and_restart_mid_traffic_loses_no_record(
     for key in keys:
         for _ in range(50):  # back within seconds, without a restart of the proxy
             second[key] = await post(http, proxy.url, key)
-            if second[key][0] != 503:
+            # 409: a completion from the outage is still being retried in the background
+            if second[key][0] not in (409, 503):
                 break
             await asyncio.sleep(0.1)
     summary("redis-crash", 2 * len(keys), len(keys), upstream, statuses[503])

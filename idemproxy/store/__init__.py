@@ -6,11 +6,11 @@ from idemproxy.config import StoreConfig
 from idemproxy.store.base import Store
 
 
-def open_store(config: StoreConfig) -> Store:
+def open_store(config: StoreConfig, memory_max_keys: int = 1_000_000) -> Store:
     if config.url == "memory://":
         from idemproxy.store.memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(memory_max_keys)
     from idemproxy.store.redis import RedisStore
 
     return RedisStore(config)

@@ -11,6 +11,7 @@ import heapq
 import time
 from dataclasses import dataclass
 
+from idemproxy.errors import StoreUnavailable
 from idemproxy.records import COMPLETED, IN_FLIGHT, UNREPLAYABLE, Record, StoredResponse
 
 
@@ -25,7 +26,12 @@ class _Entry:
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    """``max_keys`` bounds memory: at the bound, a new key evicts the completed record that
+    would expire first. In-flight leases are never evicted; when every entry is one, new keys
+    are refused as "store unavailable" (503 under ``fail_closed``)."""
+
+    def __init__(self, max_keys: int = 1_000_000) -> None:
+        self.max_keys = max_keys
         self._entries: dict[str, _Entry] = {}
         self._deadlines: list[tuple[float, str]] = []
 
@@ -37,6 +43,25 @@ class MemoryStore:
             entry = self._entries.get(key)
             if entry is not None and entry.deadline <= now:
                 del self._entries[key]
+
+    def _evict_one(self) -> None:
+        heap = self._deadlines
+        leases: list[tuple[float, str]] = []
+        try:
+            while heap:
+                deadline, key = heapq.heappop(heap)
+                entry = self._entries.get(key)
+                if entry is None or entry.deadline != deadline:
+                    continue  # a stale heap item: renewed, completed or gone since
+                if entry.state == IN_FLIGHT:
+                    leases.append((deadline, key))
+                    continue
+                del self._entries[key]
+                return
+        finally:
+            for item in leases:
+                heapq.heappush(heap, item)
+        raise StoreUnavailable(f"the memory store holds {self.max_keys} in-flight leases")
 
     def _live(self, key: str) -> _Entry | None:
         self._expire()
@@ -51,6 +76,8 @@ class MemoryStore:
     ) -> Record | None:
         entry = self._live(key)
         if entry is None:
+            if len(self._entries) >= self.max_keys:
+                self._evict_one()
             entry = _Entry(IN_FLIGHT, fingerprint, token, time.time(), 0.0)
             self._entries[key] = entry
             self._set_deadline(key, entry, lock_ttl)
