@@ -49,7 +49,8 @@ def parse_host_port(value: object) -> tuple[str, int]:
         host = host[1:-1]
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"invalid port in {value!r}")
-    return host or "0.0.0.0", int(port_text)  # an empty host: every interface
+    # An empty host means every interface, as the operator wrote ":8080".
+    return host or "0.0.0.0", int(port_text)  # noqa: S104
 
 
 def is_token(value: str) -> bool:
