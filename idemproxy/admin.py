@@ -57,7 +57,7 @@ def _authorize(request: web.Request) -> None:
     expected = request.app[ADMIN].token
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
-        presented.strip().encode(), expected.encode()
+        presented.strip().encode("utf-8", "surrogateescape"), expected.encode()
     ):
         raise ProblemError("unauthorized", "send Authorization: Bearer <admin token>")
 

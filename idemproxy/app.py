@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import logging
 import signal
-from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -17,21 +16,11 @@ from idemproxy.policy import Policy
 from idemproxy.proxy import KeyedProxy
 from idemproxy.store import open_store
 from idemproxy.store.timed import TimedStore
+from idemproxy.units import redact
 from idemproxy.upstream import Upstream
 
 # Parts of a config that a reload cannot change in a running process.
 _NEEDS_RESTART = ("listen", "admin_listen", "admin_token", "upstream", "store", "shutdown_timeout")
-
-
-def redact(url: str) -> str:
-    """A URL without its password, fit for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _bound(runner: web.BaseRunner) -> tuple[str, int]:

@@ -25,7 +25,7 @@ import yaml
 from idemproxy.errors import ConfigError, ConfigProblem
 
 __all__ = ["Config", "ConfigError", "Overrides", "RoutePolicy", "load", "load_text"]
-from idemproxy.units import is_token, parse_duration, parse_host_port, parse_size
+from idemproxy.units import is_token, parse_duration, parse_host_port, parse_size, redact
 
 Concurrency = Literal["reject", "wait"]
 Ambiguous = Literal["store", "release"]
@@ -275,14 +275,22 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 class _Reader:
     def __init__(self, text: str, environ: typing.Mapping[str, str]) -> None:
-        self.loader = yaml.SafeLoader(text)
+        self.text = text
         self.environ = environ
         self.lines: dict[str, int] = {}
         self.problems: list[ConfigProblem] = []
 
     def read(self) -> object:
         try:
+            self.loader = yaml.SafeLoader(self.text)
+        except yaml.YAMLError as exc:  # e.g. a NUL or another character YAML does not allow
+            self.problems.append(ConfigProblem("", f"not valid YAML: {exc}"))
+            return None
+        try:
             node = self.loader.get_single_node()
+        except RecursionError:
+            self.problems.append(ConfigProblem("", "not valid YAML: nested too deeply"))
+            return None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
@@ -300,11 +308,18 @@ class _Reader:
         self.lines.setdefault(path, node.start_mark.line + 1)
         try:
             return self._construct(node, path)
+        except RecursionError:
+            message = "nested too deeply (or an alias refers to itself)"
+            self.problems.append(ConfigProblem(path, message, node.start_mark.line + 1))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None) or node.start_mark
             problem = getattr(exc, "problem", None) or str(exc)
             self.problems.append(ConfigProblem(path, f"not valid here: {problem}", mark.line + 1))
-            return None
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            # PyYAML's constructors raise these for e.g. `!!int abc` or a 5000-digit number.
+            message = f"cannot read this value ({type(exc).__name__})"
+            self.problems.append(ConfigProblem(path, message, node.start_mark.line + 1))
+        return None
 
     def _construct(self, node: yaml.Node, path: str) -> object:
         if isinstance(node, yaml.MappingNode):
@@ -430,7 +445,8 @@ class _Builder:
         by_yaml_name = {f.metadata.get("yaml", f.name): f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for name, raw in value.items():
-            child = f"{path}.{name}" if path else str(name)
+            shown = str(name) or "''"
+            child = f"{path}.{shown}" if path else shown
             spec = by_yaml_name.get(name)
             if spec is None and not path and str(name).startswith("x-"):
                 continue  # top-level x-* fields hold YAML anchors for reuse, as in Compose files
@@ -645,17 +661,29 @@ class _Resolver:
 
 
 def _store_url(url: str) -> str | None:
-    scheme = urlsplit(url).scheme
-    if url == "memory://" or scheme in ("redis", "rediss", "unix"):
+    parts = urlsplit(url)
+    if url == "memory://" or parts.scheme == "unix":
         return None
-    got = f"{scheme}://" if scheme else repr(url)
-    return f"expected memory://, redis://, rediss:// or unix://, got {got}"
+    if parts.scheme not in ("redis", "rediss"):
+        got = f"{parts.scheme}://" if parts.scheme else repr(redact(url))
+        return f"expected memory://, redis://, rediss:// or unix://, got {got}"
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return f"invalid port in {redact(url)!r}"
+    if not parts.hostname:
+        return f"no host in {redact(url)!r}"
+    return None
 
 
 def _upstream_url(url: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"expected an http:// or https:// URL with a host, got {url!r}"
+        return f"expected an http:// or https:// URL with a host, got {redact(url)!r}"
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return f"invalid port in {redact(url)!r}"
     if parts.query or parts.fragment:
         return "the upstream URL must not have a query or fragment"
     return None

@@ -32,6 +32,7 @@ class Outcome(StrEnum):
     PRECONDITION = "precondition"  # 428 / 412 of require_if_match and etag_from_get
     OVERLOADED = "overloaded"  # 503: limits.max_in_flight keyed requests already in progress
     CLIENT_TIMEOUT = "client_timeout"  # 408: the body did not arrive within limits.body_timeout
+    BAD_REQUEST = "bad_request"  # 400: a request target that is not a path (absolute form, *)
 
 
 OUTCOME_OF_PROBLEM = {
@@ -48,6 +49,7 @@ OUTCOME_OF_PROBLEM = {
     "precondition_failed": Outcome.PRECONDITION,
     "proxy_overloaded": Outcome.OVERLOADED,
     "request_timeout": Outcome.CLIENT_TIMEOUT,
+    "invalid_request_target": Outcome.BAD_REQUEST,
 }
 
 

@@ -38,7 +38,8 @@ def extract_key(
         raw = header(policy.header)
         if raw is None:
             return KeyProblem("missing", f"send the {policy.header} header")
-        return _validate(_unquote_sf_string(raw.strip()), f"the {policy.header} header")
+        # Only the HTTP whitespace around a field value; any other character counts.
+        return _validate(_unquote_sf_string(raw.strip(" \t")), f"the {policy.header} header")
     if policy.source == "query":
         raw = query(policy.query_name)
         if raw is None:
@@ -80,11 +81,15 @@ def _validate(key: str | None, where: str) -> str | KeyProblem:
     return key
 
 
+# Numbers as exact decimals, so that a body with 1e999999 in it is still JSON.
+_BODY_DECODER = msgspec.json.Decoder(float_hook=Decimal)
+
+
 def _key_from_body(pointer: str, body: bytes) -> str | KeyProblem:
     where = f"the body field {pointer}"
     try:
-        document = msgspec.json.decode(body) if body else None
-    except (msgspec.DecodeError, RecursionError):
+        document = _BODY_DECODER.decode(body) if body else None
+    except (msgspec.DecodeError, RecursionError, ValueError, ArithmeticError):
         return KeyProblem("missing", f"the body is not JSON, so {where} cannot be read")
     value: object = document
     for token in pointer.split("/")[1:]:
@@ -141,7 +146,8 @@ def canonical_body(body: bytes) -> bytes:
         try:
             document = json.loads(body, parse_float=_exact_number, object_pairs_hook=_unique_names)
             return b"J" + _CANONICAL.encode(document)
-        except (ValueError, RecursionError, msgspec.EncodeError):
+        # ArithmeticError: a number no decimal can hold (10e999999999999999999)
+        except (ValueError, RecursionError, ArithmeticError, msgspec.EncodeError):
             pass  # not JSON, or JSON whose meaning is not clear-cut: compared as sent
     return b"R" + body
 

@@ -123,6 +123,9 @@ def setup_logging(log_format: LogFormat) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    # aiohttp logs a malformed request with its raw header line, which may hold a credential;
+    # the proxy logs its own errors (without request data) instead.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
 
 def event(message: str, level: int = logging.INFO, **fields: Any) -> None:

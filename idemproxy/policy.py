@@ -1,8 +1,9 @@
 """Route matching: patterns are compiled once at load; matching is pure and allocation-light.
 
 Pattern language: literal segments, ``{name}`` for exactly one segment, ``**`` as the last
-segment for zero or more segments. Empty segments are ignored on both sides, so ``/orders/``
-and ``//orders`` match ``/orders``: a stray slash must not slip past a keyed route.
+segment for zero or more segments. Empty and dot segments are resolved on both sides, so
+``/orders/``, ``//orders`` and ``/x/../orders`` match ``/orders``: a stray slash or a dot
+segment must not slip past a keyed route.
 """
 
 from __future__ import annotations
@@ -38,7 +39,16 @@ def check_pattern(pattern: str) -> str | None:
 
 
 def _segments(path: str) -> list[str]:
-    return [segment for segment in path.split("/") if segment]
+    """Path segments with empty and ``.`` segments dropped and ``..`` applied (RFC 3986 5.2.4),
+    so ``/x/../orders`` matches what an upstream that resolves dot segments will run."""
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment and segment != ".":
+            segments.append(segment)
+    return segments
 
 
 @dataclass(frozen=True, slots=True)

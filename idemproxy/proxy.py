@@ -96,6 +96,9 @@ class KeyedProxy:
             trace.finish(self.metrics, status)
 
     async def _dispatch(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
+        if not request.raw_path.startswith("/"):
+            # A reverse proxy forwards origin-form targets only (no "http://host/x", "*", CONNECT).
+            raise ProblemError("invalid_request_target", "the request target must be a path")
         # The policy is read once: a reload (SIGHUP) swaps it, and this request keeps its route.
         route = self.policy.match(request.method, request.path)
         if route is None:
