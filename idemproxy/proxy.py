@@ -381,7 +381,6 @@ class KeyedProxy:
 
         async def renew() -> None:
             while True:
-                await asyncio.sleep(lock_ttl / 3)
                 try:
                     if not await self.store.renew(lease.key, lease.token, lock_ttl):
                         event(
@@ -392,14 +391,23 @@ class KeyedProxy:
                         return
                 except StoreUnavailable as exc:
                     event("could not renew a lease", logging.WARNING, error=str(exc))
+                await asyncio.sleep(lock_ttl / 3)
 
-        task = asyncio.create_task(renew(), name="lease-renewal")
+        # Most upstream calls end long before the first renewal is due, so the renewal task is
+        # only created when it is: a timer costs far less than a task per request.
+        tasks: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(
+            lock_ttl / 3, lambda: tasks.append(loop.create_task(renew(), name="lease-renewal"))
+        )
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            timer.cancel()
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
