@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -18,6 +19,7 @@ import msgspec
 from idemproxy.config import FingerprintPolicy, KeyPolicy
 
 MAX_KEY_LENGTH = 255
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,7 @@ def _validate(key: str | None, where: str) -> str | KeyProblem:
         return KeyProblem("invalid", f"{where} is empty")
     if len(key) > MAX_KEY_LENGTH:
         return KeyProblem("invalid", f"{where} is longer than {MAX_KEY_LENGTH} characters")
-    if not all("\x21" <= char <= "\x7e" for char in key):
+    if not _VISIBLE_ASCII.fullmatch(key):
         return KeyProblem("invalid", f"{where} has characters outside visible ASCII (0x21-0x7E)")
     return key
 

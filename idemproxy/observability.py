@@ -6,13 +6,13 @@ of ``engine.Outcome``; ``operation`` one of the store's methods.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from idemproxy.engine import Outcome
@@ -48,12 +48,21 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+        self._request_children: dict[tuple[str, Outcome], Counter] = {}
         self.locks_in_flight = Gauge(
             "idemproxy_locks_in_flight",
             "Leases held while their upstream call runs.",
             registry=self.registry,
             multiprocess_mode="livesum",  # with --workers: summed over the live workers
         )
+
+    def count(self, route: str, outcome: Outcome) -> None:
+        """Count one request; the labelled child is looked up once per (route, outcome)."""
+        child = self._request_children.get((route, outcome))
+        if child is None:
+            child = self.requests.labels(route, outcome.value)
+            self._request_children[(route, outcome)] = child
+        child.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -72,7 +81,7 @@ class Trace:
 
     def finish(self, metrics: Metrics, status: int) -> None:
         duration = time.monotonic() - self.started
-        metrics.requests.labels(self.route, self.outcome.value).inc()
+        metrics.count(self.route, self.outcome)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "request",
@@ -90,6 +99,9 @@ class Trace:
             )
 
 
+_json_line = msgspec.json.Encoder(enc_hook=str)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the record's ``fields``."""
 
@@ -103,7 +115,7 @@ class JsonFormatter(logging.Formatter):
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return _json_line.encode(line).decode()
 
 
 class TextFormatter(logging.Formatter):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -37,6 +38,10 @@ from idemproxy.upstream import Exchange, Upstream, UpstreamFailure
 log = logging.getLogger("idemproxy")
 
 REPLAYED_HEADER = ("Idempotent-Replayed", "true")
+
+# Lease tokens only need to be unique (they fence holders; they guard no secret): a random
+# per-process prefix and a counter, far cheaper than fresh random bytes per request.
+_tokens = (f"{secrets.token_hex(8)}-{n}" for n in itertools.count())
 _FIRST_POLL = 0.01
 _MAX_POLL = 0.2
 
@@ -191,7 +196,7 @@ class KeyedProxy:
             route=route,
             key=scoped,
             fingerprint=print_,
-            token=secrets.token_hex(16),
+            token=next(_tokens),
             ttl=route.key.window if derived else route.ttl,
             concurrency=route.derived_concurrency if derived else route.concurrency,
             trace=trace,
