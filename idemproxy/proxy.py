@@ -152,6 +152,8 @@ class KeyedProxy:
 
     async def _read_body(self, request: web.BaseRequest, route: RoutePolicy) -> bytes:
         """A keyed request's body, bounded in size and in time (a slow client holds memory)."""
+        if request.content.is_eof():  # already all here (the usual small body): no timer needed
+            return await _read_bounded(request, route.max_request_body)
         try:
             async with asyncio.timeout(self.limits.body_timeout):
                 return await _read_bounded(request, route.max_request_body)

@@ -146,7 +146,7 @@ class RedisStore:
                 ssl=parts.scheme == "rediss",
             )
             return master
-        return aioredis.Redis.from_url(config.url, health_check_interval=30, **timeouts)
+        return aioredis.Redis.from_url(config.url, **timeouts)
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
