@@ -83,7 +83,7 @@ class RedisProcess:
             try:
                 with socket.create_connection((HOST, self.port), timeout=0.2) as conn:
                     conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
+                    if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up (maybe with AUTH)
                         return
             except OSError:
                 time.sleep(0.05)

@@ -21,7 +21,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from idemproxy.config import StoreConfig
+from idemproxy.config import StoreConfig, load_text
+from idemproxy.errors import StoreUnavailable
 from idemproxy.records import COMPLETED, StoredResponse
 from idemproxy.store.redis import RedisStore
 from tests.conftest import (
@@ -234,3 +235,30 @@ async def test_sentinel_failover_is_followed_without_a_restart(
     replay = await post("before")  # the record made before the failover is still there
     assert replay == 201
     assert upstream.count() == 2  # "before" once, "after" once; the replay did not run
+
+
+async def test_password_from_the_url_or_the_environment() -> None:
+    with tempfile.TemporaryDirectory() as workdir:
+        server = RedisProcess(free_port(), workdir, extra=["--requirepass", "s3cret-pw"])
+        server.start()
+        try:
+            config = load_text(
+                "store:\n  url: redis://:${REDIS_PASSWORD}@127.0.0.1:" + f"{server.port}/0\n",
+                environ={"REDIS_PASSWORD": "s3cret-pw"},
+            )
+            store = RedisStore(config.store)
+            try:
+                await store.ping()
+                assert await store.acquire("k", "fp", "t", 5.0) is None
+            finally:
+                await store.close()
+            wrong = RedisStore(
+                StoreConfig(f"redis://:nope@{HOST}:{server.port}/0", "", "fail_closed")
+            )
+            try:
+                with pytest.raises(StoreUnavailable):
+                    await wrong.ping()
+            finally:
+                await wrong.close()
+        finally:
+            server.stop()
