@@ -41,7 +41,8 @@ REPLAYED_HEADER = ("Idempotent-Replayed", "true")
 
 # Lease tokens only need to be unique (they fence holders; they guard no secret): a random
 # per-process prefix and a counter, far cheaper than fresh random bytes per request.
-_tokens = (f"{secrets.token_hex(8)}-{n}" for n in itertools.count())
+_TOKEN_PREFIX = secrets.token_hex(8)
+_tokens = (f"{_TOKEN_PREFIX}-{n}" for n in itertools.count())
 _FIRST_POLL = 0.01
 _MAX_POLL = 0.2
 

@@ -8,6 +8,7 @@ run unchanged on Redis Cluster.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -123,7 +124,8 @@ class RedisStore:
     def _connect(self, config: StoreConfig) -> aioredis.Redis | RedisCluster:
         """A client for the store's mode: standalone, Sentinel (follows failover) or Cluster."""
         timeouts: dict[str, Any] = {
-            "socket_timeout": STORE_TIMEOUT,
+            # Reads are bounded once per call in _call (a per-read socket timeout costs a task
+            # per command in redis-py); connecting keeps its own bound.
             "socket_connect_timeout": STORE_TIMEOUT,
             # One quick retry rides over a dropped pooled connection; every script is safe to
             # run twice because a retried call with the same token is recognised.
@@ -150,7 +152,8 @@ class RedisStore:
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await operation()
+            async with asyncio.timeout(STORE_TIMEOUT):
+                return await operation()
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
