@@ -141,6 +141,35 @@ async def post(
         return 0, ""
 
 
+async def two_proxies(
+    policy: Path,
+    upstream: Upstream,
+    redis: RedisProcess,
+    proxies: list[ProxyProcess],
+    http: aiohttp.ClientSession,
+) -> tuple[ProxyProcess, ProxyProcess]:
+    """Two proxy processes sharing one Redis, both ready."""
+    pair = (
+        ProxyProcess(policy, upstream.url, redis.url),
+        ProxyProcess(policy, upstream.url, redis.url),
+    )
+    proxies.extend(pair)
+    await asyncio.gather(*(proxy.ready(http) for proxy in pair))
+    return pair
+
+
+async def started_upstream_call(
+    http: aiohttp.ClientSession, proxy: ProxyProcess, upstream: Upstream, key: str, delay: float
+) -> asyncio.Task[tuple[int, str]]:
+    """Send a slow keyed request through ``proxy``; return once the upstream is running it."""
+    task = asyncio.create_task(post(http, proxy.url, key, delay=delay))
+    for _ in range(100):
+        if executions(upstream)[key]:
+            break
+        await asyncio.sleep(0.02)
+    return task
+
+
 @pytest.mark.parametrize("topology", ["two-proxies", "two-workers"])
 async def test_duplicate_storm_across_processes_runs_each_key_once(
     topology: str,
@@ -179,18 +208,9 @@ async def test_killed_proxy_lease_expires_then_a_retry_runs_once(
     proxies: list[ProxyProcess],
     http: aiohttp.ClientSession,
 ) -> None:
-    first, second = (
-        ProxyProcess(policy, upstream.url, redis_server.url),
-        ProxyProcess(policy, upstream.url, redis_server.url),
-    )
-    proxies += [first, second]
-    await asyncio.gather(first.ready(http), second.ready(http))
+    first, second = await two_proxies(policy, upstream, redis_server, proxies, http)
     key = "killed-mid-request"
-    doomed = asyncio.create_task(post(http, first.url, key, delay=3.0))
-    for _ in range(100):
-        if executions(upstream)[key]:
-            break
-        await asyncio.sleep(0.02)
+    doomed = await started_upstream_call(http, first, upstream, key, delay=3.0)
     first.signal(signal.SIGKILL)
     assert (await doomed)[0] == 0  # the client lost its connection with the proxy
 
@@ -216,18 +236,9 @@ async def test_a_frozen_holder_whose_lease_was_taken_cannot_overwrite_the_new_re
     proxies: list[ProxyProcess],
     http: aiohttp.ClientSession,
 ) -> None:
-    frozen, other = (
-        ProxyProcess(policy, upstream.url, redis_server.url),
-        ProxyProcess(policy, upstream.url, redis_server.url),
-    )
-    proxies += [frozen, other]
-    await asyncio.gather(frozen.ready(http), other.ready(http))
+    frozen, other = await two_proxies(policy, upstream, redis_server, proxies, http)
     key = "fenced"
-    stale = asyncio.create_task(post(http, frozen.url, key, delay=1.0))
-    for _ in range(100):
-        if executions(upstream)[key]:
-            break
-        await asyncio.sleep(0.02)
+    stale = await started_upstream_call(http, frozen, upstream, key, delay=1.0)
     frozen.signal(signal.SIGSTOP)  # cannot renew: its lease runs out (lock_ttl 1s)
     await asyncio.sleep(2.0)
     new_status, new_serial = await post(http, other.url, key)
