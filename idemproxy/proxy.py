@@ -44,6 +44,7 @@ REPLAYED_HEADER = ("Idempotent-Replayed", "true")
 _TOKEN_PREFIX = secrets.token_hex(8)
 _tokens = (f"{_TOKEN_PREFIX}-{n}" for n in itertools.count())
 _FIRST_POLL = 0.01
+_MAX_SETTLING = 10_000  # settlements retried in the background at once, per process
 _MAX_POLL = 0.2
 
 
@@ -207,6 +208,9 @@ class KeyedProxy:
         try:
             answer = await self._claim(lease)
         except StoreUnavailable as exc:
+            # The acquire may have run with its reply lost: release our token once the store
+            # is back, or a lease nobody holds would refuse retries until lock_ttl.
+            self._settle_in_background(lease, None, release=True, maybe_held=True)
             return await self._store_down(request, trace, body, exc)
         if answer is not None:
             return answer
@@ -330,14 +334,28 @@ class KeyedProxy:
                 error=str(exc),
                 key_hash=lease.trace.key_hash,
             )
-            task = asyncio.create_task(
-                self._settle_later(lease, response, release), name="settle-retry"
-            )
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+            self._settle_in_background(lease, response, release)
             return
         if not settled:
             self._lease_lost(lease)
+
+    def _settle_in_background(
+        self,
+        lease: _Lease,
+        response: StoredResponse | None,
+        release: bool,
+        maybe_held: bool = False,
+    ) -> None:
+        """``maybe_held``: we do not know whether we hold the lease at all (an acquire whose
+        reply was lost), so not finding it is no news. Bounded: past _MAX_SETTLING pending
+        settlements, a lease is left to expire on its own."""
+        if len(self._settling) >= _MAX_SETTLING:
+            return
+        task = asyncio.create_task(
+            self._settle_later(lease, response, release, maybe_held), name="settle-retry"
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def _settle_once(
         self, lease: _Lease, response: StoredResponse | None, release: bool
@@ -347,7 +365,7 @@ class KeyedProxy:
         return await self.store.complete(lease.key, lease.token, response, lease.ttl)
 
     async def _settle_later(
-        self, lease: _Lease, response: StoredResponse | None, release: bool
+        self, lease: _Lease, response: StoredResponse | None, release: bool, maybe_held: bool
     ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + lease.route.lock_ttl
@@ -361,8 +379,10 @@ class KeyedProxy:
                 continue
             if settled:
                 event("lease settled after the store came back", key_hash=lease.trace.key_hash)
-            else:
+            elif not maybe_held:
                 self._lease_lost(lease)
+            return
+        if maybe_held:
             return
         event(
             "store still unavailable; the lease expires after lock_ttl",
