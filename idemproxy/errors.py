@@ -49,7 +49,15 @@ class ConfigError(IdemproxyError):
 
 
 class StoreUnavailable(IdemproxyError):
-    """The store could not be reached or did not answer in time."""
+    """The store could not be reached or did not answer in time.
+
+    ``maybe_applied`` is False when the command surely never reached the store (the connection
+    was refused), True when it may have run with its reply lost (timeout, dropped connection).
+    """
+
+    def __init__(self, message: str, maybe_applied: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 # code -> (status, title). The codes are the stable contract of SPEC section 4.

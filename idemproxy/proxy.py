@@ -45,6 +45,7 @@ _TOKEN_PREFIX = secrets.token_hex(8)
 _tokens = (f"{_TOKEN_PREFIX}-{n}" for n in itertools.count())
 _FIRST_POLL = 0.01
 _MAX_SETTLING = 10_000  # settlements retried in the background at once, per process
+_LAST_SETTLE_TIMEOUT = 2.0  # shutdown: the last try of all pending settlements together
 _MAX_POLL = 0.2
 
 
@@ -81,7 +82,8 @@ class KeyedProxy:
         self.fail_open = fail_open
         self.metrics = metrics
         self.limits = limits
-        self._settling: set[asyncio.Task[None]] = set()
+        # Settlements retried in the background, with what each one is to settle.
+        self._settling: dict[asyncio.Task[None], tuple[_Lease, StoredResponse | None, bool]] = {}
         self._keyed_in_flight = 0
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -210,7 +212,8 @@ class KeyedProxy:
         except StoreUnavailable as exc:
             # The acquire may have run with its reply lost: release our token once the store
             # is back, or a lease nobody holds would refuse retries until lock_ttl.
-            self._settle_in_background(lease, None, release=True, maybe_held=True)
+            if exc.maybe_applied:
+                self._settle_in_background(lease, None, release=True, maybe_held=True)
             return await self._store_down(request, trace, body, exc)
         if answer is not None:
             return answer
@@ -354,8 +357,8 @@ class KeyedProxy:
         task = asyncio.create_task(
             self._settle_later(lease, response, release, maybe_held), name="settle-retry"
         )
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._settling[task] = (lease, response, release)
+        task.add_done_callback(lambda done: self._settling.pop(done, None))
 
     async def _settle_once(
         self, lease: _Lease, response: StoredResponse | None, release: bool
@@ -391,9 +394,19 @@ class KeyedProxy:
         )
 
     async def drain(self) -> None:
-        """Wait for settlements still being retried (each is bounded by its lease)."""
-        if self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+        """On shutdown: one last try for each settlement still being retried, then give up
+        (those leases expire after lock_ttl). Bounded by one store timeout in all."""
+        pending = dict(self._settling)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            async with asyncio.timeout(_LAST_SETTLE_TIMEOUT):
+                for lease, response, release in pending.values():
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._settle_once(lease, response, release)
+        except TimeoutError:
+            event("store unavailable at shutdown; leases left expire after lock_ttl")
 
     def _lease_lost(self, lease: _Lease) -> None:
         event(

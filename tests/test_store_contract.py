@@ -501,7 +501,9 @@ CALLS: dict[str, StoreCall] = {
 async def test_redis_unreachable_raises_store_unavailable(name: str) -> None:
     store = RedisStore(StoreConfig(f"redis://{HOST}:{free_port()}/0", "", "fail_closed"))
     try:
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailable) as caught:
             await CALLS[name](store)
+        # A refused connection: the command surely never ran, nothing to clean up later.
+        assert caught.value.maybe_applied is False
     finally:
         await store.close()

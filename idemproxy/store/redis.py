@@ -107,6 +107,16 @@ T = TypeVar("T")
 ScriptArg = bytes | str | int
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether the connection was refused: then no command reached Redis."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -155,7 +165,9 @@ class RedisStore:
             async with asyncio.timeout(STORE_TIMEOUT):
                 return await operation()
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            raise StoreUnavailable(
+                f"redis: {type(exc).__name__}: {exc}", maybe_applied=not _refused(exc)
+            ) from exc
 
     async def acquire(
         self, key: str, fingerprint: str, token: str, lock_ttl: float
