@@ -87,6 +87,7 @@ class RedisProcess:
                         return
             except OSError:
                 time.sleep(0.05)
+        self.stop()  # do not leave a half-started server behind
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:
