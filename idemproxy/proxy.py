@@ -292,7 +292,7 @@ class KeyedProxy:
                 finally:
                     elapsed = time.monotonic() - started
                     self.metrics.upstream_duration.labels(lease.route.label).observe(elapsed)
-            if not exchange.complete:
+            if exchange.pending is not None:
                 lease.trace.outcome = Outcome.NEW
                 await self._settle(lease, None, release=False)
                 return await _stream_rest(request, exchange)

@@ -70,15 +70,14 @@ def end_to_end(raw_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, 
 class Exchange:
     """An upstream answer to a keyed request.
 
-    ``complete`` tells whether ``body`` is the whole body; if not, the rest is still to be read
-    from ``pending`` (the response was larger than may be stored) and must be streamed.
+    ``pending`` is None when ``body`` is the whole body; otherwise the response was larger than
+    may be stored and the rest is still to be read from ``pending`` and streamed.
     """
 
     status: int
     reason: str
     headers: list[tuple[str, str]]
     body: bytes
-    complete: bool
     pending: aiohttp.ClientResponse | None
 
 
@@ -151,35 +150,30 @@ class Upstream:
             raise UpstreamFailure("timeout", "no answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamFailure("broken", f"{type(exc).__name__}: {exc}") from exc
+        chunks: list[bytes] = []
+        size = 0
+        pending = None
         try:
-            chunks: list[bytes] = []
-            size = 0
             async for chunk in response.content.iter_chunked(_CHUNK):
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > max_body:
-                    return Exchange(
-                        response.status,
-                        response.reason or "",
-                        end_to_end(response.raw_headers),
-                        b"".join(chunks),
-                        complete=False,
-                        pending=response,
-                    )
+                    pending = response  # too large to keep: the caller streams the rest
+                    break
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             response.close()
             raise UpstreamFailure("timeout", "the response did not finish in time") from exc
         except aiohttp.ClientError as exc:
             response.close()
             raise UpstreamFailure("broken", f"the response broke off: {exc}") from exc
-        response.release()
+        if pending is None:
+            response.release()
         return Exchange(
             response.status,
             response.reason or "",
             end_to_end(response.raw_headers),
             b"".join(chunks),
-            complete=True,
-            pending=None,
+            pending,
         )
 
     async def current_etag(self, request: web.BaseRequest) -> tuple[int, str | None]:
