@@ -148,9 +148,15 @@ class SentinelSetup:
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
-        self.master = RedisProcess(free_port(), workdir)
+        # A directory each: a replica's sync and AOF files must not land on the master's.
+        for name in ("master", "replica"):
+            (Path(workdir) / name).mkdir()
+        # Redis 7 delays a replica's first (diskless) sync by 5 s unless told not to.
+        self.master = RedisProcess(
+            free_port(), f"{workdir}/master", extra=["--repl-diskless-sync-delay", "0"]
+        )
         self.replica = RedisProcess(
-            free_port(), workdir, extra=["--replicaof", HOST, str(self.master.port)]
+            free_port(), f"{workdir}/replica", extra=["--replicaof", HOST, str(self.master.port)]
         )
         self.sentinel_port = free_port()
         self.sentinel: subprocess.Popen[bytes] | None = None
@@ -173,11 +179,13 @@ class SentinelSetup:
         deadline = time.monotonic() + 15
         while True:
             try:
-                if "slaves=1" in cli(self.sentinel_port, "info", "sentinel"):
+                if "slaves=1" in cli(
+                    self.sentinel_port, "info", "sentinel"
+                ) and "master_link_status:up" in cli(self.replica.port, "info", "replication"):
                     return
             except subprocess.CalledProcessError:
                 pass
-            assert time.monotonic() < deadline, "sentinel did not see the replica"
+            assert time.monotonic() < deadline, "the replica did not sync or sentinel missed it"
             time.sleep(0.2)
 
     def stop(self) -> None:

@@ -53,14 +53,16 @@ class StoreCase:
         return self.prefix + name
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-py"])
 async def case(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[StoreCase]:
+    """``redis`` is the pipelined client; a URL option sends the same store through redis-py."""
     store: Store
     if request.param == "memory":
         store = MemoryStore()
     else:
         server: RedisProcess = request.getfixturevalue("redis_server")
-        store = RedisStore(StoreConfig(server.url, "", "fail_closed"))
+        options = "?socket_keepalive=true" if request.param == "redis-py" else ""
+        store = RedisStore(StoreConfig(server.url + options, "", "fail_closed"))
     yield StoreCase(request.param, store, prefix)
     await store.close()
 

@@ -1,5 +1,8 @@
 """Redis store: standalone, Sentinel or Cluster. One Lua script per state change, one key each.
 
+Standalone Redis at a plain ``redis://`` or ``unix://`` URL is spoken to by the pipelined client in
+``resp``; Sentinel, Cluster, TLS and URLs with options go through redis-py.
+
 A record is a hash: ``s`` state, ``f`` fingerprint, ``t`` lease token, ``c`` creation time (ms),
 ``r`` the msgpack-encoded response. Value and expiry are always written by the same script, so no
 reader ever sees a record without its TTL. Because each script names one key, the same scripts
@@ -10,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -19,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from idemproxy.config import StoreConfig
@@ -32,6 +36,14 @@ from idemproxy.records import (
     decode_response,
     encode_response,
 )
+from idemproxy.store.resp import (
+    Arg,
+    NotSent,
+    PipelinedRedis,
+    ReplyError,
+    Script,
+    fast_path_supports,
+)
 
 # How long one store call may take before the request is answered as "store unavailable".
 STORE_TIMEOUT = 2.0
@@ -41,7 +53,8 @@ _STATE_CODES = {"i": IN_FLIGHT, "c": COMPLETED, "u": UNREPLAYABLE}
 # ARGV: fingerprint, token, lock_ttl_ms, now_ms.
 # Returns 1 when the caller now holds the lease, else {state, fingerprint, token, created, resp}
 # where resp is only filled for a completed record with the same fingerprint.
-ACQUIRE = """
+ACQUIRE = Script(
+    """
 local cur = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'c')
 if not cur[1] then
   redis.call('HSET', KEYS[1], 's', 'i', 'f', ARGV[1], 't', ARGV[2], 'c', ARGV[4])
@@ -57,9 +70,11 @@ if cur[1] == 'c' and cur[2] == ARGV[1] then
 end
 return {cur[1], cur[2], cur[3], cur[4], resp}
 """
+)
 
 # ARGV: token, lock_ttl_ms
-RENEW = """
+RENEW = Script(
+    """
 local cur = redis.call('HMGET', KEYS[1], 's', 't')
 if cur[1] == 'i' and cur[2] == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -67,9 +82,11 @@ if cur[1] == 'i' and cur[2] == ARGV[1] then
 end
 return 0
 """
+)
 
 # ARGV: token, new state ('c' or 'u'), encoded response, ttl_ms
-COMPLETE = """
+COMPLETE = Script(
+    """
 local cur = redis.call('HMGET', KEYS[1], 's', 't')
 if cur[2] ~= ARGV[1] then
   return 0
@@ -84,9 +101,11 @@ if cur[1] == ARGV[2] then
 end
 return 0
 """
+)
 
 # ARGV: token
-RELEASE = """
+RELEASE = Script(
+    """
 local cur = redis.call('HMGET', KEYS[1], 's', 't')
 if cur[1] == 'i' and cur[2] == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -94,24 +113,26 @@ if cur[1] == 'i' and cur[2] == ARGV[1] then
 end
 return 0
 """
+)
 
-GET = """
+GET = Script(
+    """
 local cur = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'c', 'r')
 if not cur[1] then
   return 0
 end
 return {cur[1], cur[2], cur[3], cur[4], cur[5] or '', redis.call('PTTL', KEYS[1])}
 """
+)
 
 T = TypeVar("T")
-ScriptArg = bytes | str | int
 
 
 def _refused(exc: BaseException) -> bool:
-    """Whether the connection was refused: then no command reached Redis."""
+    """Whether no connection could be made: then no command reached Redis."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ConnectionRefusedError):
+        if isinstance(seen, ConnectionRefusedError | NotSent):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -121,21 +142,48 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-class RedisStore:
+class _Client(Protocol):
+    async def run(self, script: Script, key: str, args: tuple[Arg, ...]) -> Any: ...
+
+    async def delete(self, key: str) -> int: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _Pipelined:
+    """The hot-path client, for standalone Redis (see ``resp``)."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = PipelinedRedis(url, STORE_TIMEOUT)
+
+    async def run(self, script: Script, key: str, args: tuple[Arg, ...]) -> Any:
+        return await self._redis.run(script, key, args)
+
+    async def delete(self, key: str) -> int:
+        deleted: int = await self._redis.execute("DEL", key)
+        return deleted
+
+    async def ping(self) -> None:
+        await self._redis.execute("PING")
+
+    async def close(self) -> None:
+        await self._redis.close()
+
+
+class _RedisPy:
+    """redis-py: Sentinel (follows failover), Cluster, TLS and URL options."""
+
     def __init__(self, config: StoreConfig) -> None:
         self._sentinel: Sentinel | None = None
         self._redis = self._connect(config)
-        self._acquire = self._redis.register_script(ACQUIRE)
-        self._renew = self._redis.register_script(RENEW)
-        self._complete = self._redis.register_script(COMPLETE)
-        self._release = self._redis.register_script(RELEASE)
-        self._get = self._redis.register_script(GET)
+        self._scripts: dict[Script, AsyncScript] = {}
 
     def _connect(self, config: StoreConfig) -> aioredis.Redis | RedisCluster:
-        """A client for the store's mode: standalone, Sentinel (follows failover) or Cluster."""
         timeouts: dict[str, Any] = {
-            # Reads are bounded once per call in _call (a per-read socket timeout costs a task
-            # per command in redis-py); connecting keeps its own bound.
+            # Reads are bounded once per call in _bounded (a per-read socket timeout costs a
+            # task per command in redis-py); connecting keeps its own bound.
             "socket_connect_timeout": STORE_TIMEOUT,
             # One quick retry rides over a dropped pooled connection; every script is safe to
             # run twice because a retried call with the same token is recognised.
@@ -160,11 +208,42 @@ class RedisStore:
             return master
         return aioredis.Redis.from_url(config.url, **timeouts)
 
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        async with asyncio.timeout(STORE_TIMEOUT):
+            return await call
+
+    async def run(self, script: Script, key: str, args: tuple[Arg, ...]) -> Any:
+        registered = self._scripts.get(script)
+        if registered is None:
+            registered = self._scripts[script] = self._redis.register_script(script.source)
+        return await self._bounded(registered(keys=[key], args=list(args)))
+
+    async def delete(self, key: str) -> int:
+        deleted: int = await self._bounded(self._redis.delete(key))
+        return deleted
+
+    async def ping(self) -> None:
+        await self._bounded(self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        if self._sentinel is not None:
+            for client in self._sentinel.sentinels:
+                await client.aclose()
+
+
+class RedisStore:
+    def __init__(self, config: StoreConfig) -> None:
+        self._client: _Client = (
+            _Pipelined(config.url)
+            if config.mode == "standalone" and fast_path_supports(config.url)
+            else _RedisPy(config)
+        )
+
+    async def _call(self, call: Awaitable[T]) -> T:
         try:
-            async with asyncio.timeout(STORE_TIMEOUT):
-                return await operation()
-        except (RedisError, OSError, TimeoutError) as exc:
+            return await call
+        except (RedisError, ReplyError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(
                 f"redis: {type(exc).__name__}: {exc}", maybe_applied=not _refused(exc)
             ) from exc
@@ -172,8 +251,8 @@ class RedisStore:
     async def acquire(
         self, key: str, fingerprint: str, token: str, lock_ttl: float
     ) -> Record | None:
-        args: list[ScriptArg] = [fingerprint, token, _ms(lock_ttl), int(time.time() * 1000)]
-        result: Any = await self._call(lambda: self._acquire(keys=[key], args=args))
+        args = (fingerprint, token, _ms(lock_ttl), int(time.time() * 1000))
+        result: Any = await self._call(self._client.run(ACQUIRE, key, args))
         if result == 1:
             return None
         state, fp, holder, created, resp = result
@@ -186,21 +265,20 @@ class RedisStore:
         )
 
     async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
-        args: list[ScriptArg] = [token, _ms(lock_ttl)]
-        return bool(await self._call(lambda: self._renew(keys=[key], args=args)))
+        return bool(await self._call(self._client.run(RENEW, key, (token, _ms(lock_ttl)))))
 
     async def complete(
         self, key: str, token: str, response: StoredResponse | None, ttl: float
     ) -> bool:
         state, data = ("c", encode_response(response)) if response is not None else ("u", b"")
-        args: list[ScriptArg] = [token, state, data, _ms(ttl)]
-        return bool(await self._call(lambda: self._complete(keys=[key], args=args)))
+        args = (token, state, data, _ms(ttl))
+        return bool(await self._call(self._client.run(COMPLETE, key, args)))
 
     async def release(self, key: str, token: str) -> bool:
-        return bool(await self._call(lambda: self._release(keys=[key], args=[token])))
+        return bool(await self._call(self._client.run(RELEASE, key, (token,))))
 
     async def get(self, key: str) -> Record | None:
-        result: Any = await self._call(lambda: self._get(keys=[key]))
+        result: Any = await self._call(self._client.run(GET, key, ()))
         if result == 0:
             return None
         state, fp, holder, created, resp, pttl = result
@@ -214,13 +292,10 @@ class RedisStore:
         )
 
     async def delete(self, key: str) -> bool:
-        return bool(await self._call(lambda: self._redis.delete(key)))
+        return bool(await self._call(self._client.delete(key)))
 
     async def ping(self) -> None:
-        await self._call(self._redis.ping)
+        await self._call(self._client.ping())
 
     async def close(self) -> None:
-        await self._redis.aclose()
-        if self._sentinel is not None:
-            for client in self._sentinel.sentinels:
-                await client.aclose()
+        await self._client.close()

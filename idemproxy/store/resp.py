@@ -1,0 +1,203 @@
+"""A pipelined Redis client for the hot path: standalone Redis over TCP or a unix socket.
+
+All commands share one connection. Those issued in the same loop iteration leave in one write,
+and Redis answers in order, so replies are matched to callers first in, first out. N concurrent
+requests cost one system call each way instead of N, and none of redis-py's per-command pool
+checkout, encoder and parser layers. Sentinel, Cluster, TLS and URL options stay on redis-py.
+
+Timeouts: instead of a timer per command, a watchdog looks at the oldest unanswered command
+twice a second; when it is older than the store timeout the connection is dropped, which fails
+every command on it. In-order replies make the oldest command the one that tells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import hiredis
+
+_WATCHDOG_INTERVAL = 0.5
+
+Arg = bytes | str | int
+
+
+def _pack(args: tuple[Arg, ...]) -> bytes:
+    # hiredis's stub declares a 1-tuple; pack_command takes a tuple of any length
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
+
+
+class ReplyError(Exception):
+    """Redis answered the command with an error."""
+
+
+class NotSent(ConnectionError):
+    """No connection to Redis could be made: the command never reached it."""
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script run by its SHA1 digest, sent in full only when Redis lacks it."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+        object.__setattr__(self, "sha", digest)
+
+
+def fast_path_supports(url: str) -> bool:
+    """Whether ``url`` needs nothing this client lacks: redis:// or unix://, no TLS, no
+    options other than ``db``."""
+    parts = urlsplit(url)
+    options = {name for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    return parts.scheme in ("redis", "unix") and options <= {"db"}
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._reader = hiredis.Reader()
+        # (caller's future, deadline), in the order the commands were written
+        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._outgoing: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self._ended: BaseException | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self._ended is None and self._transport is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._watchdog = self._loop.call_later(_WATCHDOG_INTERVAL, self._watch)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        try:
+            while (reply := self._reader.gets()) is not False:
+                future = self._waiting.popleft()[0]
+                if future.done():  # its caller gave up (cancelled): the reply is dropped
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    future.set_exception(ReplyError(str(reply)))
+                else:
+                    future.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:
+            self._abort(ConnectionError(f"unreadable reply from redis: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ended is None:
+            self._ended = exc or ConnectionResetError("redis closed the connection")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        while self._waiting:
+            future = self._waiting.popleft()[0]
+            if not future.done():
+                future.set_exception(self._ended)
+        self._transport = None
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        future = self._loop.create_future()
+        if not self.usable:
+            future.set_exception(self._ended or ConnectionResetError("not connected"))
+            return future
+        self._waiting.append((future, self._loop.time() + self._timeout))
+        if not self._outgoing:
+            self._loop.call_soon(self._flush)
+        self._outgoing.append(command)
+        return future
+
+    def close(self) -> None:
+        self._abort(ConnectionResetError("the store was closed"))
+
+    def _flush(self) -> None:
+        if self._transport is not None and self._ended is None:
+            self._transport.write(b"".join(self._outgoing))
+        self._outgoing.clear()
+
+    def _watch(self) -> None:
+        if self._waiting and self._waiting[0][1] < self._loop.time():
+            self._abort(TimeoutError(f"redis did not answer within {self._timeout:g}s"))
+            return
+        self._watchdog = self._loop.call_later(_WATCHDOG_INTERVAL, self._watch)
+
+    def _abort(self, reason: BaseException) -> None:
+        if self._ended is None:
+            self._ended = reason
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost fails whatever still waits
+
+
+class PipelinedRedis:
+    """One pipelined connection to a standalone Redis, opened on first use and after a loss."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urlsplit(url)
+        options = dict(parse_qsl(parts.query))
+        self._unix_path = parts.path if parts.scheme == "unix" else None
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 6379
+        self._username = unquote(parts.username) if parts.username else None
+        self._password = unquote(parts.password) if parts.password else None
+        path_db = parts.path.strip("/") if parts.scheme == "redis" else ""
+        self._db = int(options.get("db") or path_db or "0")
+        self._timeout = timeout
+        self._connection: _Connection | None = None
+        self._connecting = asyncio.Lock()
+
+    async def execute(self, *args: Arg) -> Any:
+        connection = self._connection
+        if connection is None or not connection.usable:
+            connection = await self._connect()
+        return await connection.send(_pack(args))
+
+    async def run(self, script: Script, key: str, args: tuple[Arg, ...]) -> Any:
+        try:
+            return await self.execute("EVALSHA", script.sha, 1, key, *args)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.execute("EVAL", script.source, 1, key, *args)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    async def _connect(self) -> _Connection:
+        async with self._connecting:
+            if self._connection is not None and self._connection.usable:
+                return self._connection
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    if self._unix_path is not None:
+                        _, connection = await loop.create_unix_connection(
+                            lambda: _Connection(loop, self._timeout), self._unix_path
+                        )
+                    else:
+                        _, connection = await loop.create_connection(
+                            lambda: _Connection(loop, self._timeout), self._host, self._port
+                        )
+            except (OSError, TimeoutError) as exc:
+                raise NotSent(f"cannot connect to redis: {exc}") from exc
+            try:
+                if self._password is not None:
+                    auth = (self._username, self._password) if self._username else (self._password,)
+                    await connection.send(_pack(("AUTH", *auth)))
+                if self._db:
+                    await connection.send(_pack(("SELECT", self._db)))
+            except BaseException:
+                connection.close()
+                raise
+            self._connection = connection
+            return connection
