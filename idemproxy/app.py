@@ -11,7 +11,7 @@ from aiohttp import web
 
 from idemproxy.admin import AdminContext, create_admin_app
 from idemproxy.config import Config, ConfigError, Overrides, load
-from idemproxy.observability import Metrics, event
+from idemproxy.observability import Metrics, event, flush_access_log
 from idemproxy.policy import Policy
 from idemproxy.proxy import KeyedProxy
 from idemproxy.store import open_store
@@ -157,4 +157,5 @@ async def serve(
     await stop.wait()
     event("idemproxy shutting down", drain_seconds=config.shutdown_timeout)
     await server.stop()
+    flush_access_log()
     event("idemproxy stopped")

@@ -135,7 +135,7 @@ class KeyedProxy:
             return await self.upstream.websocket(request)
         started = time.monotonic()
         response = await self.upstream.stream(request, body)
-        self.metrics.upstream_duration.labels(trace.route).observe(time.monotonic() - started)
+        self.metrics.upstream_timer(trace.route).observe(time.monotonic() - started)
         return response
 
     async def _check_etag(self, request: web.BaseRequest, route: RoutePolicy) -> None:
@@ -291,7 +291,7 @@ class KeyedProxy:
                     raise
                 finally:
                     elapsed = time.monotonic() - started
-                    self.metrics.upstream_duration.labels(lease.route.label).observe(elapsed)
+                    self.metrics.upstream_timer(lease.route.label).observe(elapsed)
             if exchange.pending is not None:
                 lease.trace.outcome = Outcome.NEW
                 await self._settle(lease, None, release=False)

@@ -309,3 +309,38 @@ def test_text_log_format_is_for_humans() -> None:
     )
     assert result.returncode == 1
     assert "--listen" in result.stderr
+
+
+async def test_a_running_proxy_writes_every_access_line_to_stderr_as_json(
+    tmp_path: Path, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """``run`` writes access lines directly (not via logging): same JSON, none lost at stop."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    listen, admin_port = free_port(), free_port()
+    process = _start(policy, upstream.url, listen, admin_port)
+    headers = {"Idempotency-Key": "stderr-secret-key", "Authorization": "Bearer stderr-credential"}
+    try:
+        await _wait_healthy(http, admin_port)
+        for _ in range(2):
+            async with http.post(
+                f"http://{HOST}:{listen}/orders", data=b"stderr-body", headers=headers
+            ):
+                pass
+        sent = [http.get(f"http://{HOST}:{listen}/items/{n}") for n in range(20)]
+        for response in await asyncio.gather(*sent):
+            response.release()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=15)
+    assert process.returncode == 0
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "idemproxy.access"]
+    assert [line["outcome"] for line in access[:2]] == ["new", "replayed"]
+    assert sorted(line["path"] for line in access[2:]) == sorted(f"/items/{n}" for n in range(20))
+    for line in access:
+        assert {"time", "level", "message", "method", "route", "status", "duration_ms"} <= set(line)
+        assert line["time"].endswith("Z")
+    assert len(access[0]["key_hash"]) == 64
+    for secret in ("stderr-secret-key", "stderr-credential", "stderr-body"):
+        assert secret not in stderr
