@@ -152,7 +152,7 @@ class PipelinedRedis:
         self._db = int(options.get("db") or path_db or "0")
         self._timeout = timeout
         self._connection: _Connection | None = None
-        self._connecting = asyncio.Lock()
+        self._opening: asyncio.Future[_Connection] | None = None
 
     async def execute(self, *args: Arg) -> Any:
         connection = self._connection
@@ -174,30 +174,40 @@ class PipelinedRedis:
             self._connection = None
 
     async def _connect(self) -> _Connection:
-        async with self._connecting:
-            if self._connection is not None and self._connection.usable:
-                return self._connection
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(self._timeout):
-                    if self._unix_path is not None:
-                        _, connection = await loop.create_unix_connection(
-                            lambda: _Connection(loop, self._timeout), self._unix_path
-                        )
-                    else:
-                        _, connection = await loop.create_connection(
-                            lambda: _Connection(loop, self._timeout), self._host, self._port
-                        )
-            except (OSError, TimeoutError) as exc:
-                raise NotSent(f"cannot connect to redis: {exc}") from exc
-            try:
-                if self._password is not None:
-                    auth = (self._username, self._password) if self._username else (self._password,)
-                    await connection.send(_pack(("AUTH", *auth)))
-                if self._db:
-                    await connection.send(_pack(("SELECT", self._db)))
-            except BaseException:
-                connection.close()
-                raise
-            self._connection = connection
-            return connection
+        """Open the connection; callers arriving meanwhile share the one attempt (and its
+        time bound) instead of queueing for attempts of their own."""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+            self._opening.add_done_callback(self._opened)
+        return await asyncio.shield(self._opening)
+
+    def _opened(self, attempt: asyncio.Future[_Connection]) -> None:
+        self._opening = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved here too, in case every caller gave up waiting
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._unix_path is not None:
+                    _, connection = await loop.create_unix_connection(
+                        lambda: _Connection(loop, self._timeout), self._unix_path
+                    )
+                else:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(loop, self._timeout), self._host, self._port
+                    )
+        except (OSError, TimeoutError) as exc:
+            raise NotSent(f"cannot connect to redis: {exc}") from exc
+        try:
+            if self._password is not None:
+                auth = (self._username, self._password) if self._username else (self._password,)
+                await connection.send(_pack(("AUTH", *auth)))
+            if self._db:
+                await connection.send(_pack(("SELECT", self._db)))
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
