@@ -686,6 +686,8 @@ def _upstream_url(url: str) -> str | None:
         return f"invalid port in {redact(url)!r}"
     if parts.query or parts.fragment:
         return "the upstream URL must not have a query or fragment"
+    if parts.username is not None or parts.password is not None:
+        return "the upstream URL must not carry credentials; the client's own headers are forwarded"
     return None
 
 

@@ -319,6 +319,16 @@ ERRORS = [
     ),
     pytest.param(
         """
+        upstream:
+          url: http://svc:s3cret@api.internal:9000
+        """,
+        "upstream.url",
+        2,
+        "credentials",
+        id="upstream-url-credentials",
+    ),
+    pytest.param(
+        """
         version: 2
         """,
         "version",
