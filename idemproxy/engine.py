@@ -11,6 +11,7 @@ from enum import Enum, StrEnum
 from typing import Literal
 
 from idemproxy.config import RoutePolicy
+from idemproxy.errors import UpstreamFailureKind
 from idemproxy.keys import KeyProblem
 from idemproxy.records import IN_FLIGHT, UNREPLAYABLE, Record
 
@@ -96,9 +97,6 @@ Disposition = Literal["store", "release"]
 def after_response(route: RoutePolicy, status: int) -> Disposition:
     """An upstream answer: keep it for replay, unless the status says "try again"."""
     return "release" if status in route.release_statuses else "store"
-
-
-UpstreamFailureKind = Literal["connect", "timeout", "broken"]
 
 
 def after_failure(route: RoutePolicy, kind: UpstreamFailureKind) -> tuple[str, Disposition]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 
@@ -81,6 +82,18 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "key_not_found": (404, "No record for this key"),
     "keys_api_disabled": (404, "The keys API is disabled"),
 }
+
+
+UpstreamFailureKind = Literal["connect", "timeout", "broken"]
+
+
+class UpstreamFailure(IdemproxyError):
+    """The upstream gave no answer. ``kind`` says whether the request may have run: not for
+    ``connect`` (nothing was sent), maybe for ``timeout`` and ``broken``."""
+
+    def __init__(self, kind: UpstreamFailureKind, detail: str) -> None:
+        self.kind: UpstreamFailureKind = kind
+        super().__init__(detail)
 
 
 class ProblemError(IdemproxyError):

@@ -20,7 +20,7 @@ from aiohttp import hdrs, web
 from idemproxy import engine
 from idemproxy.config import Concurrency, Limits, RoutePolicy
 from idemproxy.engine import Existing, Outcome
-from idemproxy.errors import ProblemError, StoreUnavailable
+from idemproxy.errors import ProblemError, StoreUnavailable, UpstreamFailure
 from idemproxy.keys import (
     derived_key,
     extract_key,
@@ -33,7 +33,7 @@ from idemproxy.policy import Policy
 from idemproxy.records import StoredResponse
 from idemproxy.responses import VerbatimResponse, VerbatimStreamResponse
 from idemproxy.store import Store
-from idemproxy.upstream import Exchange, Upstream, UpstreamFailure
+from idemproxy.upstream import Exchange, Upstream
 
 log = logging.getLogger("idemproxy")
 
@@ -499,16 +499,16 @@ def replay(stored: StoredResponse, status_for_created: int | None = None) -> web
 async def _stream_rest(request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
     """Send a response too large to store: what was read, then the rest as it arrives."""
     assert exchange.pending is not None
-    upstream = exchange.pending
+    rest = exchange.pending
     try:
         response = VerbatimStreamResponse(status=exchange.status, reason=exchange.reason)
         for name, value in exchange.headers:
             response.headers.add(name, value)
         await response.prepare(request)
         await response.write(exchange.body)
-        async for chunk in upstream.content.iter_any():
+        async for chunk in rest:
             await response.write(chunk)
         await response.write_eof()
         return response
     finally:
-        upstream.release()
+        rest.close()

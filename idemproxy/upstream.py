@@ -1,11 +1,15 @@
-"""Talking to the upstream: one ClientSession per process, hop-by-hop stripping, streaming.
+"""Talking to the upstream: hop-by-hop stripping, forwarding headers, streaming.
 
 Three ways through:
 
-- ``stream``: pass-through. Request and response bodies flow chunk by chunk; nothing is buffered.
-- ``exchange``: keyed requests. The request body is already in memory (it was fingerprinted);
-  the response is read up to the storable limit, and the caller streams the rest if it is larger.
-- ``websocket``: an upgrade is relayed frame by frame.
+- ``stream``: pass-through (aiohttp's client). Request and response bodies flow chunk by chunk;
+  nothing is buffered.
+- ``exchange``: keyed requests (the lean client in ``http1``). The request body is already in
+  memory (it was fingerprinted); the response is read up to the storable limit, and the caller
+  streams the rest if it is larger.
+- ``websocket``: an upgrade is relayed frame by frame (aiohttp).
+
+The two clients keep separate connection pools, each bounded by ``max_connections``.
 
 Nothing here retries: an unsafe request is sent to the upstream at most once per call.
 """
@@ -13,16 +17,17 @@ Nothing here retries: an unsafe request is sent to the upstream at most once per
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from idemproxy.config import UpstreamConfig
-from idemproxy.engine import UpstreamFailureKind
-from idemproxy.errors import ProblemError
+from idemproxy.errors import ProblemError, UpstreamFailure
+from idemproxy.http1 import Http1Pool, RawHeaders, ResponseRest
 from idemproxy.responses import VerbatimStreamResponse
 
 HOP_BY_HOP = frozenset(
@@ -38,25 +43,40 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_CHUNK = 64 * 1024
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when empty
 
 
-class UpstreamFailure(Exception):
-    """The upstream gave no answer. ``kind`` says whether the request may have run."""
+def forwarded_headers(
+    request: web.BaseRequest, drop_length: bool, extra_dropped: tuple[bytes, ...] = ()
+) -> RawHeaders:
+    """The client's headers as sent, without hop-by-hop ones, plus the X-Forwarded-* trio
+    (For appended to; Proto and Host kept when the client, e.g. a load balancer, sent them)."""
+    raw = request.raw_headers
+    dropped = {name.encode() for name in HOP_BY_HOP}
+    dropped.update(extra_dropped)
+    if drop_length:
+        dropped.add(b"content-length")
+    prior: list[bytes] = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower == b"connection":
+            dropped.update(token.strip().lower() for token in value.split(b","))
+        elif lower == b"x-forwarded-for":
+            prior.append(value)
+    dropped.add(b"x-forwarded-for")
+    headers = [(name, value) for name, value in raw if name.lower() not in dropped]
+    peer = (request.remote or "").encode()
+    headers.append((b"X-Forwarded-For", b", ".join([*prior, peer]) if prior else peer))
+    present = {name.lower() for name, _ in headers}
+    if b"x-forwarded-proto" not in present:
+        headers.append((b"X-Forwarded-Proto", request.scheme.encode()))
+    host = request.headers.get(hdrs.HOST)
+    if host and b"x-forwarded-host" not in present:
+        headers.append((b"X-Forwarded-Host", host.encode("utf-8", "surrogateescape")))
+    return headers
 
-    def __init__(self, kind: UpstreamFailureKind, detail: str) -> None:
-        self.kind: UpstreamFailureKind = kind
-        super().__init__(detail)
 
-
-def _hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    names = set(HOP_BY_HOP)
-    for value in headers.getall("Connection", ()):
-        names.update(token.strip().lower() for token in value.split(","))
-    return names
-
-
-def end_to_end(raw_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, str]]:
+def end_to_end(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """Response headers in their order, duplicates kept, hop-by-hop ones dropped."""
     pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers]
     dropped = set(HOP_BY_HOP)
@@ -78,7 +98,7 @@ class Exchange:
     reason: str
     headers: list[tuple[str, str]]
     body: bytes
-    pending: aiohttp.ClientResponse | None
+    pending: ResponseRest | None
 
 
 class Upstream:
@@ -86,6 +106,9 @@ class Upstream:
         self.config = config
         self.base = config.url
         self._session: aiohttp.ClientSession | None = None
+        self._keyed = Http1Pool(
+            config.url, config.max_connections, config.connect_timeout, config.timeout
+        )
         self._keyed_timeout = aiohttp.ClientTimeout(
             total=config.timeout, connect=config.connect_timeout
         )
@@ -104,6 +127,7 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        self._keyed.close()
         if self._session is not None:
             await self._session.close()
 
@@ -116,64 +140,34 @@ class Upstream:
         return URL(self.base + request.raw_path, encoded=True)
 
     def request_headers(self, request: web.BaseRequest, drop_length: bool) -> CIMultiDict[str]:
-        dropped = _hop_by_hop(request.headers)
-        if drop_length:
-            dropped.add("content-length")
-        headers = CIMultiDict(
-            (name, value) for name, value in request.headers.items() if name.lower() not in dropped
+        """``forwarded_headers`` for aiohttp's client."""
+        return CIMultiDict(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in forwarded_headers(request, drop_length)
         )
-        peer = request.remote or ""
-        prior = request.headers.getall("X-Forwarded-For", ())
-        headers.popall("X-Forwarded-For", None)
-        headers["X-Forwarded-For"] = ", ".join([*prior, peer]) if prior else peer
-        headers.setdefault("X-Forwarded-Proto", request.scheme)
-        if request.host:
-            headers.setdefault("X-Forwarded-Host", request.host)
-        return headers
+
+    def _keyed_request(self, request: web.BaseRequest, body: bytes) -> bytes:
+        """The whole HTTP/1.1 request for the lean client: the client's header bytes as they
+        came (minus hop-by-hop and framing headers), a Content-Length, then the body."""
+        headers = forwarded_headers(request, drop_length=True, extra_dropped=(b"expect",))
+        if request.headers.get(hdrs.HOST) is None:
+            headers.append((b"Host", self._keyed.host_header))
+        if body or request.body_exists or request.method in _BODY_METHODS:
+            headers.append((b"Content-Length", str(len(body)).encode()))
+        target = self._keyed.path_prefix + request.raw_path.encode("utf-8", "surrogateescape")
+        lines = [b"%s %s HTTP/1.1" % (request.method.encode(), target)]
+        lines.extend(name + b": " + value for name, value in headers)
+        lines.append(b"")
+        lines.append(body)
+        return b"\r\n".join(lines)
 
     async def exchange(self, request: web.BaseRequest, body: bytes, max_body: int) -> Exchange:
         """Send a keyed request once and read its answer up to ``max_body`` bytes."""
-        try:
-            response = await self.session.request(
-                request.method,
-                self.url(request),
-                headers=self.request_headers(request, drop_length=True),
-                data=body if body or request.body_exists else None,
-                allow_redirects=False,
-                timeout=self._keyed_timeout,
-            )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise UpstreamFailure("connect", f"connecting timed out: {exc}") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamFailure("connect", f"cannot connect: {exc}") from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamFailure("timeout", "no answer in time") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailure("broken", f"{type(exc).__name__}: {exc}") from exc
-        chunks: list[bytes] = []
-        size = 0
-        pending = None
-        try:
-            async for chunk in response.content.iter_chunked(_CHUNK):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > max_body:
-                    pending = response  # too large to keep: the caller streams the rest
-                    break
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            response.close()
-            raise UpstreamFailure("timeout", "the response did not finish in time") from exc
-        except aiohttp.ClientError as exc:
-            response.close()
-            raise UpstreamFailure("broken", f"the response broke off: {exc}") from exc
-        if pending is None:
-            response.release()
+        answer = await self._keyed.exchange(
+            self._keyed_request(request, body), request.method == "HEAD", max_body
+        )
         return Exchange(
-            response.status,
-            response.reason or "",
-            end_to_end(response.raw_headers),
-            b"".join(chunks),
-            pending,
+            answer.status, answer.reason, end_to_end(answer.headers), answer.body, answer.rest
         )
 
     async def current_etag(self, request: web.BaseRequest) -> tuple[int, str | None]:
