@@ -382,9 +382,12 @@ class _Builder:
         self.problems = problems
 
     def problem(self, path: str, message: str) -> _Invalid:
-        """Record a problem at ``path``, with the line of the path or of its closest parent."""
+        """Record a problem at ``path``, with the line of the path or of its closest parent.
+
+        A command-line flag (``--admin``) is not written in the file, so it gets no line.
+        """
         line, parent = self.lines.get(path), path
-        while line is None and parent:
+        while line is None and parent and not path.startswith("--"):
             parent = _PARENT_STEP.sub("", parent)
             line = self.lines.get(parent)
         self.problems.append(ConfigProblem(path, message, line))
