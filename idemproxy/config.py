@@ -25,7 +25,14 @@ import yaml
 from idemproxy.errors import ConfigError, ConfigProblem
 
 __all__ = ["Config", "ConfigError", "Overrides", "RoutePolicy", "load", "load_text"]
-from idemproxy.units import is_token, parse_duration, parse_host_port, parse_size, redact
+from idemproxy.units import (
+    is_loopback,
+    is_token,
+    parse_duration,
+    parse_host_port,
+    parse_size,
+    redact,
+)
 
 Concurrency = Literal["reject", "wait"]
 Ambiguous = Literal["store", "release"]
@@ -702,6 +709,13 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
     )
     if admin.token and admin.token != admin.token.strip():
         b.problem("admin.token", "the token must not start or end with spaces")
+    if not admin.token and not is_loopback(admin_listen[0]):
+        b.problem(
+            "--admin" if flags.admin is not None else "admin.token",
+            f"the admin listener would listen on {admin_listen[0]}, which other hosts may reach, "
+            "without a token: set admin.token (e.g. token: ${IDEMPROXY_ADMIN_TOKEN}, from a "
+            "secret), or bind the admin listener to loopback (127.0.0.1:9901)",
+        )
 
     up = doc.upstream or UpstreamFile()
     written_url = flags.upstream or up.url or ""
