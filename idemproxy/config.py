@@ -139,6 +139,7 @@ class LimitsFile:
     max_header_size: Size | None = None
     max_headers: int | None = None
     idle_timeout: Duration | None = None
+    header_timeout: Duration | None = None
     body_timeout: Duration | None = None
     max_in_flight: int | None = None
     memory_store_max_keys: int | None = None
@@ -227,6 +228,7 @@ class Limits:
     max_header_size: int = 8190
     max_headers: int = 100
     idle_timeout: float = 75.0
+    header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_in_flight: int = 1024
     memory_store_max_keys: int = 1_000_000
