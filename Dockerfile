@@ -7,7 +7,10 @@
 #
 # The policy is /etc/idemproxy/policy.yaml ($IDEMPROXY_CONFIG); the image ships
 # deploy/policy.yaml there. Mount your own file over it (read-only) to change the policy.
-# Ports: 8080 the proxy, 9901 the admin listener (/healthz, /readyz, /metrics).
+# Ports: 8080 the proxy, 9901 the admin listener (/healthz, /readyz, /metrics). The shipped policy
+# keeps the admin listener on the container's loopback; to reach it from outside, set
+# IDEMPROXY_ADMIN_LISTEN=0.0.0.0:9901 and IDEMPROXY_ADMIN_TOKEN (idemproxy refuses a non-loopback
+# admin listener without a token).
 
 # --- builder: the idemproxy wheel plus a wheel of every dependency ---------------------------
 # Both stages must use the very same base: the builder resolves dependencies for its own Python
@@ -61,7 +64,8 @@ USER 10001:10001
 EXPOSE 8080 9901
 
 # The image has no curl: ask the admin listener with Python's standard library. urlopen raises
-# (exit 1) on a refused connection, a timeout or a non-2xx answer.
+# (exit 1) on a refused connection, a timeout or a non-2xx answer. It runs inside the container,
+# so 127.0.0.1 reaches the admin listener on its default 127.0.0.1:9901 and on 0.0.0.0:9901.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2)"]
 

@@ -14,6 +14,7 @@ from idemproxy.config import Config, ConfigError, Overrides, load
 from idemproxy.observability import Metrics, event, flush_access_log
 from idemproxy.policy import Policy
 from idemproxy.proxy import KeyedProxy
+from idemproxy.server import HeadTimeoutServer
 from idemproxy.store import open_store
 from idemproxy.store.timed import TimedStore
 from idemproxy.units import redact
@@ -53,8 +54,9 @@ class ProxyServer:
         )
         # auto_decompress=False: request bodies go upstream exactly as the client encoded them.
         limits = config.limits
-        server = web.Server(
+        server = HeadTimeoutServer(
             self.handler.handle,
+            header_timeout=limits.header_timeout,
             access_log=None,
             auto_decompress=False,
             max_line_size=limits.max_request_line,

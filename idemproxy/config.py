@@ -25,7 +25,14 @@ import yaml
 from idemproxy.errors import ConfigError, ConfigProblem
 
 __all__ = ["Config", "ConfigError", "Overrides", "RoutePolicy", "load", "load_text"]
-from idemproxy.units import is_token, parse_duration, parse_host_port, parse_size, redact
+from idemproxy.units import (
+    is_loopback,
+    is_token,
+    parse_duration,
+    parse_host_port,
+    parse_size,
+    redact,
+)
 
 Concurrency = Literal["reject", "wait"]
 Ambiguous = Literal["store", "release"]
@@ -132,6 +139,7 @@ class LimitsFile:
     max_header_size: Size | None = None
     max_headers: int | None = None
     idle_timeout: Duration | None = None
+    header_timeout: Duration | None = None
     body_timeout: Duration | None = None
     max_in_flight: int | None = None
     memory_store_max_keys: int | None = None
@@ -220,6 +228,7 @@ class Limits:
     max_header_size: int = 8190
     max_headers: int = 100
     idle_timeout: float = 75.0
+    header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_in_flight: int = 1024
     memory_store_max_keys: int = 1_000_000
@@ -382,9 +391,12 @@ class _Builder:
         self.problems = problems
 
     def problem(self, path: str, message: str) -> _Invalid:
-        """Record a problem at ``path``, with the line of the path or of its closest parent."""
+        """Record a problem at ``path``, with the line of the path or of its closest parent.
+
+        A command-line flag (``--admin``) is not written in the file, so it gets no line.
+        """
         line, parent = self.lines.get(path), path
-        while line is None and parent:
+        while line is None and parent and not path.startswith("--"):
             parent = _PARENT_STEP.sub("", parent)
             line = self.lines.get(parent)
         self.problems.append(ConfigProblem(path, message, line))
@@ -701,6 +713,13 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
     )
     if admin.token and admin.token != admin.token.strip():
         b.problem("admin.token", "the token must not start or end with spaces")
+    if not admin.token and not is_loopback(admin_listen[0]):
+        b.problem(
+            "--admin" if flags.admin is not None else "admin.token",
+            f"the admin listener would listen on {admin_listen[0]}, which other hosts may reach, "
+            "without a token: set admin.token (e.g. token: ${IDEMPROXY_ADMIN_TOKEN}, from a "
+            "secret), or bind the admin listener to loopback (127.0.0.1:9901)",
+        )
 
     up = doc.upstream or UpstreamFile()
     written_url = flags.upstream or up.url or ""

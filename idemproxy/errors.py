@@ -74,7 +74,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "store_unavailable": (503, "Store unavailable"),
     "precondition_required": (428, "Precondition required"),
     "precondition_failed": (412, "Precondition failed"),
-    "request_timeout": (408, "Request body too slow"),
+    "request_timeout": (408, "Request too slow"),
     "invalid_request_target": (400, "Request target not supported"),
     "proxy_overloaded": (503, "Too many keyed requests in progress"),
     # the admin listener's own answers

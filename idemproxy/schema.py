@@ -39,6 +39,8 @@ DESCRIPTIONS = {
     "PolicyDocument.routes": "First match wins; unmatched requests pass through. "
     "With no routes, POST and PATCH on every path are keyed with the defaults.",
     "AdminFile.listen": "HOST:PORT of the admin (health and readiness) endpoint.",
+    "AdminFile.token": "Bearer token of the keys API, e.g. ${IDEMPROXY_ADMIN_TOKEN:-}; "
+    "required when admin.listen is not loopback.",
     "UpstreamFile.url": "http:// or https:// URL requests are forwarded to.",
     "UpstreamFile.timeout": "Bound on the whole upstream exchange.",
     "StoreFile.url": "memory://, redis://, rediss:// or unix://.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from urllib.parse import urlsplit, urlunsplit
 
@@ -52,6 +53,20 @@ def parse_host_port(value: object) -> tuple[str, int]:
         raise ValueError(f"invalid port in {value!r}")
     # An empty host means every interface, as the operator wrote ":8080".
     return host or "0.0.0.0", int(port_text)  # noqa: S104
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only reaches this machine: 127.0.0.0/8, ::1 (also as ::ffff:127.x) or
+    ``localhost``. Any other name counts as reachable from elsewhere: it may resolve to anything."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def is_token(value: str) -> bool:

@@ -903,6 +903,15 @@ def test_flags_override_the_file() -> None:
     assert cfg.store.url == "memory://"
 
 
+def test_a_bad_flag_is_reported_without_a_file_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_text("version: 1\n", "policy.yaml", Overrides(listen="nowhere"), {})
+    (problem,) = caught.value.problems
+    assert problem.path == "--listen"
+    assert problem.line is None  # the flag is not in the file; line 1 would mislead
+    assert problem.render("policy.yaml").startswith("policy.yaml: --listen: ")
+
+
 # --- known bugs ----------------------------------------------------------------------------
 
 

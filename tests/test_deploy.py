@@ -35,7 +35,7 @@ import redis
 import yaml
 from conftest import HOST, free_port, run_cli
 
-from idemproxy.units import parse_duration, parse_host_port
+from idemproxy.units import is_loopback, parse_duration, parse_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -46,7 +46,13 @@ KUBERNETES = ROOT / "deploy" / "kubernetes"
 
 PROXY_PORT, ADMIN_PORT, DEMO_PORT = 8080, 9901, 8000
 IMAGE_UID = 10001
-POLICY_ENV = {"UPSTREAM_URL", "IDEMPROXY_STORE_URL", "IDEMPROXY_CONFIG"}
+POLICY_ENV = {
+    "UPSTREAM_URL",
+    "IDEMPROXY_STORE_URL",
+    "IDEMPROXY_CONFIG",
+    "IDEMPROXY_ADMIN_LISTEN",
+    "IDEMPROXY_ADMIN_TOKEN",
+}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
 
 
@@ -170,11 +176,21 @@ def service(name: str) -> dict[str, Any]:
     return dict(services[name])
 
 
-def compose_env(svc: Mapping[str, Any]) -> dict[str, str]:
+def compose_env(svc: Mapping[str, Any], shell: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The service's environment as Compose hands it to the container, with ``${VAR}`` and
+    ``${VAR:-default}`` interpolated from the ``shell`` that runs ``docker compose`` (default:
+    an empty one)."""
+
+    def interpolate(match: re.Match[str]) -> str:
+        return (shell or {}).get(match.group(1)) or (match.group(2) or ":-")[2:]
+
     env = svc.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.partition("=")[::2] for item in env)
-    return {str(k): str(v) for k, v in env.items()}
+    interpolated = {str(k): _ENV_REF.sub(interpolate, str(v)) for k, v in env.items()}
+    for name, value in interpolated.items():
+        assert "$" not in value, f"{name}: an interpolation these tests do not know: {value}"
+    return interpolated
 
 
 def as_argv(value: object) -> list[str]:
@@ -377,18 +393,21 @@ def healthcheck_argv() -> list[str]:
 # --- the policy the image ships --------------------------------------------------------------
 
 
-def test_container_policy_passes_check_and_listens_for_the_outside() -> None:
+def test_container_policy_passes_check_listens_for_the_outside_and_keeps_admin_inside() -> None:
     result = run_cli("check", "-c", str(POLICY))
     assert result.returncode == 0, result.stderr
     assert re.search(r"\b2 route\(s\), 2 keyed, store memory://$", result.stdout.strip())
     policy = expand(POLICY.read_text(), {})
     # In a container, loopback would be unreachable from a published port or a probe.
     assert parse_host_port(policy["listen"]) == ("0.0.0.0", PROXY_PORT)
-    assert parse_host_port(policy["admin"]["listen"]) == ("0.0.0.0", ADMIN_PORT)
+    # The admin listener has no token by default, so it stays on loopback, where the image's
+    # HEALTHCHECK (which runs inside the container) still reaches it.
+    assert parse_host_port(policy["admin"]["listen"]) == ("127.0.0.1", ADMIN_PORT)
     assert not policy["admin"].get("token"), "the shipped policy keeps the keys API off"
     assert env_refs(POLICY.read_text()) == {
         "UPSTREAM_URL": True,
         "IDEMPROXY_STORE_URL": True,
+        "IDEMPROXY_ADMIN_LISTEN": True,
         "IDEMPROXY_ADMIN_TOKEN": True,
     }
     assert policy["upstream"]["url"] == f"http://127.0.0.1:{DEMO_PORT}"
@@ -396,6 +415,20 @@ def test_container_policy_passes_check_and_listens_for_the_outside() -> None:
     routes = {r["name"]: r for r in policy["routes"]}
     assert routes["create-order"]["match"] == {"methods": ["POST"], "path": "/orders"}
     assert routes["create-order"]["key"]["required"] is True
+
+
+def test_container_policy_opens_admin_to_the_outside_only_with_a_token() -> None:
+    outside = {"IDEMPROXY_ADMIN_LISTEN": f"0.0.0.0:{ADMIN_PORT}"}
+    result = run_cli("check", "-c", str(POLICY), env=outside)
+    assert result.returncode == 1, result.stdout
+    token_line = POLICY.read_text().splitlines().index("  token: ${IDEMPROXY_ADMIN_TOKEN:-}") + 1
+    assert f"{POLICY}:{token_line}: admin.token: " in result.stderr
+    assert "127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli(
+        "check", "-c", str(POLICY), env={**outside, "IDEMPROXY_ADMIN_TOKEN": "a-secret"}
+    )
+    assert result.returncode == 0, result.stderr
 
 
 # --- docker-compose.yml ----------------------------------------------------------------------
@@ -446,10 +479,9 @@ def test_compose_idemproxy_wiring() -> None:
     assert store_url.hostname == "redis"
     assert store_url.port == 6379
 
-    assert set(proxy["ports"]) == {
-        f"{PROXY_PORT}:{PROXY_PORT}",
-        f"127.0.0.1:{ADMIN_PORT}:{ADMIN_PORT}",
-    }
+    # The admin listener stays on the container's loopback (see the next test): a published
+    # admin port would reach nothing.
+    assert set(proxy["ports"]) == {f"{PROXY_PORT}:{PROXY_PORT}"}
     assert proxy["depends_on"] == {
         "redis": {"condition": "service_healthy"},
         "upstream": {"condition": "service_started"},
@@ -468,10 +500,17 @@ def as_mount(volume: str | dict[str, Any]) -> tuple[str, str, str]:
     return source, target, mode[0] if mode else "rw"
 
 
-def test_compose_environment_makes_a_valid_redis_policy() -> None:
-    result = run_cli("check", "-c", str(POLICY), env=compose_env(service("idemproxy")))
+@pytest.mark.parametrize(
+    "shell", [{}, {"IDEMPROXY_ADMIN_TOKEN": "a-secret"}], ids=["no-token", "token"]
+)
+def test_compose_environment_makes_a_valid_redis_policy(shell: dict[str, str]) -> None:
+    env = compose_env(service("idemproxy"), shell)
+    result = run_cli("check", "-c", str(POLICY), env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("store redis://"), result.stdout
+    policy = expand(POLICY.read_text(), env)
+    assert is_loopback(parse_host_port(policy["admin"]["listen"])[0])
+    assert policy["admin"]["token"] == shell.get("IDEMPROXY_ADMIN_TOKEN")  # YAML: empty is null
 
 
 # --- deploy/kubernetes -----------------------------------------------------------------------
@@ -485,27 +524,44 @@ def test_kubernetes_files_hold_one_configmap_deployment_and_service() -> None:
     assert sorted(listed) == files
 
 
-def test_kubernetes_policy_passes_check_with_a_store_url(tmp_path: Path) -> None:
+KUBE_ENV = {"IDEMPROXY_STORE_URL": "redis://r:6379/0", "IDEMPROXY_ADMIN_TOKEN": "a-secret"}
+
+
+def test_kubernetes_policy_passes_check_with_a_store_url_and_an_admin_token(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(configmap_policy())
-    result = run_cli("check", "-c", str(path), env={"IDEMPROXY_STORE_URL": "redis://r:6379/0"})
+    result = run_cli("check", "-c", str(path), env=KUBE_ENV)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("store redis://"), result.stdout
     # Several replicas must share their keys: without a store URL the sidecar refuses to start
     # instead of falling back to a per-pod memory store.
-    result = run_cli("check", "-c", str(path))
+    result = run_cli("check", "-c", str(path), env={"IDEMPROXY_ADMIN_TOKEN": "a-secret"})
     assert result.returncode == 1
     assert "store.url" in result.stderr
     assert "IDEMPROXY_STORE_URL" in result.stderr
+    # The probes need the admin listener on the pod IP, so it needs a token: unset or empty,
+    # the sidecar refuses to start.
+    no_token = {"IDEMPROXY_STORE_URL": "redis://r:6379/0"}
+    result = run_cli("check", "-c", str(path), env=no_token)
+    assert result.returncode == 1
+    assert "admin.token" in result.stderr
+    assert "IDEMPROXY_ADMIN_TOKEN" in result.stderr
+    result = run_cli("check", "-c", str(path), env={**no_token, "IDEMPROXY_ADMIN_TOKEN": ""})
+    assert result.returncode == 1
+    assert "admin.token: the admin listener would listen on 0.0.0.0" in result.stderr
 
 
 def test_kubernetes_sidecar_ports_and_probes() -> None:
-    policy = expand(configmap_policy(), {"IDEMPROXY_STORE_URL": "redis://r:6379/0"})
+    policy = expand(configmap_policy(), KUBE_ENV)
     sidecar, app = container("idemproxy"), container("my-api")
     assert parse_host_port(policy["listen"]) == ("0.0.0.0", container_port(sidecar, "proxy"))
     admin = parse_host_port(policy["admin"]["listen"])
     assert admin == ("0.0.0.0", ADMIN_PORT) == ("0.0.0.0", container_port(sidecar, "admin"))
-    assert not policy["admin"].get("token")
+    # Reachable from the whole cluster, so the token is required (no default) ...
+    assert env_refs(configmap_policy())["IDEMPROXY_ADMIN_TOKEN"] is False
+    assert policy["admin"]["token"] == KUBE_ENV["IDEMPROXY_ADMIN_TOKEN"]
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         get = sidecar[probe]["httpGet"]
         assert get["path"] == path, probe
@@ -539,9 +595,11 @@ def test_kubernetes_policy_mount_and_environment() -> None:
     # Every ${VAR} the policy reads without a default is provided, the store from a Secret.
     for name, has_default in env_refs(configmap_policy()).items():
         assert has_default or name in env, name
-    secret = env["IDEMPROXY_STORE_URL"]["valueFrom"]["secretKeyRef"]
-    assert secret["name"]
-    assert secret["key"]
+    # ... the store URL and the admin token (both credentials) from Secrets.
+    for name in ("IDEMPROXY_STORE_URL", "IDEMPROXY_ADMIN_TOKEN"):
+        secret = env[name]["valueFrom"]["secretKeyRef"]
+        assert secret["name"], name
+        assert secret["key"], name
 
 
 def test_kubernetes_sidecar_security_and_resources() -> None:
@@ -554,7 +612,7 @@ def test_kubernetes_sidecar_security_and_resources() -> None:
     assert "ALL" in security["capabilities"]["drop"]
     for bound in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(sidecar["resources"][bound]), bound
-    policy = expand(configmap_policy(), {"IDEMPROXY_STORE_URL": "redis://r:6379/0"})
+    policy = expand(configmap_policy(), KUBE_ENV)
     grace = pod_spec()["terminationGracePeriodSeconds"]
     assert grace > parse_duration(policy["shutdown_timeout"])
 

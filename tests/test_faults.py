@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -337,3 +338,33 @@ async def test_hung_redis_gets_answers_not_hangs_and_recovers(
     summary("hung-redis", 3, 1, upstream, 1)
     assert status == 201
     assert executions(upstream)["hung"] == 1
+
+
+async def test_workers_answer_a_stalled_request_head_with_408(
+    tmp_path: Path,
+    upstream: Upstream,
+    redis_server: RedisProcess,
+    proxies: list[ProxyProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    """limits.header_timeout holds in every worker (they build the same server)."""
+    policy = tmp_path / "slow-heads.yaml"
+    policy.write_text("limits: {header_timeout: 500ms}\n")
+    proxy = ProxyProcess(policy, upstream.url, redis_server.url, workers=2)
+    proxies.append(proxy)
+    await proxy.ready(http)
+
+    def stall() -> bytes:
+        with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+            sock.sendall(b"POST /orders HT")
+            received = b""
+            while chunk := sock.recv(65536):  # until the proxy closes (or 10 s: TimeoutError)
+                received += chunk
+            return received
+
+    # Several connections, so that the kernel hands some to each worker.
+    answers = await asyncio.gather(*(asyncio.to_thread(stall) for _ in range(6)))
+    stalled = [a for a in answers if not a.startswith(b"HTTP/1.1 408 ")]
+    summary("slow-heads-workers", len(answers), 0, upstream, len(stalled))
+    assert stalled == []
+    assert executions(upstream) == {}

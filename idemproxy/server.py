@@ -1,0 +1,160 @@
+"""The proxy's HTTP/1.1 server: aiohttp's, plus a deadline for request heads (slowloris).
+
+aiohttp bounds an idle keep-alive connection (``keepalive_timeout``) and, through the handler,
+a slow body, but not a client that trickles the request line and headers. Here a connection
+must deliver a complete request head within ``header_timeout`` of being opened, and a later
+request's head within ``header_timeout`` of its first byte.
+
+"Head complete" is what aiohttp's parser reports: it returns a message from ``feed_data`` as
+soon as the head is parsed (``RequestHandler.data_received`` counts it in ``_request_count``).
+"A new head started" is a byte arriving while the newest message's body is complete: until
+then, bytes are that body, which ``body_timeout`` and aiohttp's lingering read bound. The parser
+does not tell how many bytes it holds, so the start of a head that arrives in the same segment
+as the end of the previous request is only noticed with the next byte; if none comes, the
+connection waits like an idle one and ``idle_timeout`` (aiohttp's keep-alive timer) closes it.
+
+The clock costs almost nothing per request: one ``loop.time()`` when a head starts and an
+attribute store when it completes. Like aiohttp's keep-alive timer, one timer handle per
+connection is scheduled lazily and, when it fires early, re-armed for the current deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler
+
+from idemproxy.errors import ProblemError
+
+
+def request_timeout_answer(header_timeout: float) -> bytes:
+    """The whole 408 response for a request head that did not arrive in time."""
+    problem = ProblemError(
+        "request_timeout",
+        f"the request line and headers did not arrive within {header_timeout:g}s",
+    )
+    body = problem.body()
+    head = "".join(
+        [
+            "HTTP/1.1 408 Request Timeout\r\n",
+            *(f"{name}: {value}\r\n" for name, value in problem.headers()),
+            f"Content-Length: {len(body)}\r\n",
+            "Connection: close\r\n\r\n",
+        ]
+    )
+    return head.encode("ascii") + body
+
+
+class HeadTimeoutRequestHandler(RequestHandler):
+    """One client connection; closes it when a request head takes longer than the deadline."""
+
+    __slots__ = (
+        "_head_deadline",
+        "_head_started",
+        "_head_timer",
+        "_header_timeout",
+        "_newest_body",
+        "_timeout_answer",
+    )
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        header_timeout: float,
+        timeout_answer: bytes,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._timeout_answer = timeout_answer
+        # When the head being awaited must be complete; None while none is awaited.
+        self._head_deadline: float | None = None
+        # Whether a byte of that head arrived (a connection opened in silence has none).
+        self._head_started = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        # The body of the newest request whose head arrived; once complete, a byte that
+        # arrives starts the next head.
+        self._newest_body: StreamReader = EMPTY_PAYLOAD
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._await_head(self._loop.time() + self._header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if (
+            not self._head_started
+            and data
+            and self._newest_body.is_eof()
+            and self._payload_parser is None  # not a WebSocket's frames
+            and not self._upgraded
+        ):
+            self._head_started = True
+            if self._head_deadline is None:  # else: the deadline since the connection opened
+                self._await_head(self._loop.time() + self._header_timeout)
+        heads_before = self._request_count
+        super().data_received(data)
+        if self._request_count != heads_before:
+            self._head_deadline = None
+            self._head_started = False
+            self._newest_body = self._messages[-1][1]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._newest_body = EMPTY_PAYLOAD  # it refers back to this handler
+        super().connection_lost(exc)
+
+    def _await_head(self, deadline: float) -> None:
+        self._head_deadline = deadline
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(deadline, self._head_timer_fired)
+
+    def _head_timer_fired(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None or self.transport is None or self._force_close or self._close:
+            return
+        if self._loop.time() < deadline:  # the head awaited now started after the timer did
+            self._head_timer = self._loop.call_at(deadline, self._head_timer_fired)
+            return
+        self._head_deadline = None
+        if self._waiter is None:
+            # Not waiting for a request: an earlier one is still being answered, and this head
+            # was pipelined behind it. Let that answer finish, then close.
+            self.close()
+            return
+        if self._head_started:
+            self.transport.write(self._timeout_answer)
+        # A connection that never sent a byte has no request to answer: an unsolicited 408
+        # would be read as the answer to whatever the client sends next.
+        self.force_close()
+
+
+class HeadTimeoutServer(web.Server):
+    """``web.Server`` whose connections are ``HeadTimeoutRequestHandler``s."""
+
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        header_timeout: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._header_timeout = header_timeout
+        self._timeout_answer = request_timeout_answer(header_timeout)
+
+    def __call__(self) -> RequestHandler:
+        return HeadTimeoutRequestHandler(
+            self,
+            loop=self._loop,
+            header_timeout=self._header_timeout,
+            timeout_answer=self._timeout_answer,
+            **self._kwargs,
+        )
