@@ -75,7 +75,7 @@ class ResponseRest:
             if self._chunks:
                 chunk = self._chunks.popleft()
                 self._buffered -= len(chunk)
-                if self._buffered <= _PAUSE_AT // 2:
+                if self._buffered <= _PAUSE_AT // 2 and not self._ended:
                     self._connection.resume()
                 yield chunk
             elif self._ended:
@@ -87,8 +87,10 @@ class ResponseRest:
                 await self._wakeup
 
     def close(self) -> None:
-        """Stop reading: the connection is dropped (it is not worth draining for reuse)."""
-        self._connection.close()
+        """Done with it. Abandoned before its end, the connection is dropped (not worth
+        draining for reuse); once ended, the connection may already serve another request."""
+        if not self._ended:
+            self._connection.close()
 
 
 class _Connection(asyncio.Protocol):
@@ -106,6 +108,9 @@ class _Connection(asyncio.Protocol):
         self._state = _DONE
         self._head_request = False
         self._max_body = 0
+        self._stream_all = False  # pass-through: the body streams from the head on
+        self._paused = False
+        self._last_read = 0.0
         self._status = 0
         self._reason = ""
         self._headers: RawHeaders = []
@@ -116,14 +121,21 @@ class _Connection(asyncio.Protocol):
 
     # -- the exchange ---------------------------------------------------------------------
 
-    def send(self, request: bytes, head_request: bool, max_body: int) -> asyncio.Future[Answer]:
+    def send(
+        self, request: bytes, head_request: bool, max_body: int | None
+    ) -> asyncio.Future[Answer]:
+        """``max_body``: read the body up to this size before answering (keyed: the timeout
+        bounds the whole exchange); None: answer at the head and stream all of the body (pass-
+        through: the timeout bounds each silence)."""
         assert self._transport is not None
         loop = self._pool.loop
         self._answer = loop.create_future()
         self._timer = loop.call_later(self._pool.timeout, self._time_out)
         self._state = _HEAD
         self._head_request = head_request
-        self._max_body = max_body
+        self._stream_all = max_body is None
+        self._max_body = max_body or 0
+        self._last_read = loop.time()
         self._chunks = []
         self._size = 0
         self._rest = None
@@ -131,6 +143,11 @@ class _Connection(asyncio.Protocol):
         return self._answer
 
     def _time_out(self) -> None:
+        if self._stream_all:
+            quiet_until = self._last_read + self._pool.timeout
+            if quiet_until > self._pool.loop.time():  # data came meanwhile: not silent yet
+                self._timer = self._pool.loop.call_at(quiet_until, self._time_out)
+                return
         self._fail(UpstreamFailure("timeout", "no answer in time"))
 
     def _fail(self, failure: UpstreamFailure) -> None:
@@ -166,9 +183,11 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
         if self._rest is not None:
             self._rest.end()
-            self.close()
-            return
-        self._resolve(None)
+            self._rest = None
+        else:
+            self._resolve(None)
+        if self._paused:
+            self.resume()
         if self._reusable and not self._buffer and not self.closed:
             self._pool.release(self)
         else:
@@ -278,6 +297,9 @@ class _Connection(asyncio.Protocol):
         self._reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
         self._headers = headers
         self._reusable = keep_alive and status != 101
+        if self._stream_all:
+            self._rest = ResponseRest(self)
+            self._resolve(self._rest)
         if self._head_request or status in (101, 204, 304):
             self._remaining = 0
             self._state = _LENGTH
@@ -300,6 +322,8 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
+        if self._stream_all:
+            self._last_read = self._pool.loop.time()
         self._buffer += data
         self._advance()
 
@@ -321,11 +345,14 @@ class _Connection(asyncio.Protocol):
             self._pool.forget(self)
 
     def pause(self) -> None:
-        if self._transport is not None:
+        if self._transport is not None and not self._paused:
+            self._paused = True
             self._transport.pause_reading()
 
     def resume(self) -> None:
-        if self._transport is not None and not self.closed:
+        if self._transport is not None and self._paused and not self.closed:
+            self._paused = False
+            self._last_read = self._pool.loop.time()  # paused time is not upstream silence
             self._transport.resume_reading()
 
     def close(self) -> None:
@@ -372,7 +399,7 @@ class Http1Pool:
         assert self._loop is not None
         return self._loop
 
-    async def exchange(self, request: bytes, head_request: bool, max_body: int) -> Answer:
+    async def exchange(self, request: bytes, head_request: bool, max_body: int | None) -> Answer:
         """Send ``request`` (head and body, serialised) and read its answer."""
         connection = self._idle_connection()
         if connection is None:

@@ -31,9 +31,9 @@ from idemproxy.keys import (
 from idemproxy.observability import Metrics, Trace, event
 from idemproxy.policy import Policy
 from idemproxy.records import StoredResponse
-from idemproxy.responses import VerbatimResponse, VerbatimStreamResponse
+from idemproxy.responses import VerbatimResponse
 from idemproxy.store import Store
-from idemproxy.upstream import Exchange, Upstream
+from idemproxy.upstream import Upstream, relay
 
 log = logging.getLogger("idemproxy")
 
@@ -295,7 +295,17 @@ class KeyedProxy:
             if exchange.pending is not None:
                 lease.trace.outcome = Outcome.NEW
                 await self._settle(lease, None, release=False)
-                return await _stream_rest(request, exchange)
+                try:
+                    return await relay(
+                        request,
+                        exchange.status,
+                        exchange.reason,
+                        exchange.headers,
+                        exchange.body,
+                        exchange.pending,
+                    )
+                finally:
+                    exchange.pending.close()
             release = engine.after_response(lease.route, exchange.status) == "release"
             lease.trace.outcome = Outcome.RELEASED if release else Outcome.NEW
             stored = StoredResponse(exchange.status, exchange.headers, exchange.body)
@@ -494,21 +504,3 @@ def replay(stored: StoredResponse, status_for_created: int | None = None) -> web
     response = _buffered(status, stored.headers, stored.body)
     response.headers.add(*REPLAYED_HEADER)
     return response
-
-
-async def _stream_rest(request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
-    """Send a response too large to store: what was read, then the rest as it arrives."""
-    assert exchange.pending is not None
-    rest = exchange.pending
-    try:
-        response = VerbatimStreamResponse(status=exchange.status, reason=exchange.reason)
-        for name, value in exchange.headers:
-            response.headers.add(name, value)
-        await response.prepare(request)
-        await response.write(exchange.body)
-        async for chunk in rest:
-            await response.write(chunk)
-        await response.write_eof()
-        return response
-    finally:
-        rest.close()

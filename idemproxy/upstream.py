@@ -2,11 +2,12 @@
 
 Three ways through:
 
-- ``stream``: pass-through (aiohttp's client). Request and response bodies flow chunk by chunk;
-  nothing is buffered.
-- ``exchange``: keyed requests (the lean client in ``http1``). The request body is already in
-  memory (it was fingerprinted); the response is read up to the storable limit, and the caller
-  streams the rest if it is larger.
+- ``stream``: pass-through. The answer streams back chunk by chunk; nothing is buffered. It goes
+  through the lean client in ``http1`` unless a request body is still to be read from the
+  client, which streams up through aiohttp's client.
+- ``exchange``: keyed requests (the lean client). The request body is already in memory (it was
+  fingerprinted); the response is read up to the storable limit, and the caller streams the
+  rest if it is larger.
 - ``websocket``: an upgrade is relayed frame by frame (aiohttp).
 
 The two clients keep separate connection pools, each bounded by ``max_connections``.
@@ -17,7 +18,7 @@ Nothing here retries: an unsafe request is sent to the upstream at most once per
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -101,12 +102,34 @@ class Exchange:
     pending: ResponseRest | None
 
 
+async def relay(
+    request: web.BaseRequest,
+    status: int,
+    reason: str,
+    headers: list[tuple[str, str]],
+    first: bytes,
+    rest: AsyncIterable[bytes] | None,
+) -> web.StreamResponse:
+    """Send an upstream answer as it arrives: ``first``, then whatever ``rest`` brings."""
+    response = VerbatimStreamResponse(status=status, reason=reason)
+    for name, value in headers:
+        response.headers.add(name, value)
+    await response.prepare(request)
+    if first:
+        await response.write(first)
+    if rest is not None:
+        async for chunk in rest:
+            await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
 class Upstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.base = config.url
         self._session: aiohttp.ClientSession | None = None
-        self._keyed = Http1Pool(
+        self._lean = Http1Pool(
             config.url, config.max_connections, config.connect_timeout, config.timeout
         )
         self._keyed_timeout = aiohttp.ClientTimeout(
@@ -127,7 +150,7 @@ class Upstream:
         )
 
     async def close(self) -> None:
-        self._keyed.close()
+        self._lean.close()
         if self._session is not None:
             await self._session.close()
 
@@ -146,15 +169,15 @@ class Upstream:
             for name, value in forwarded_headers(request, drop_length)
         )
 
-    def _keyed_request(self, request: web.BaseRequest, body: bytes) -> bytes:
+    def _serialised(self, request: web.BaseRequest, body: bytes) -> bytes:
         """The whole HTTP/1.1 request for the lean client: the client's header bytes as they
-        came (minus hop-by-hop and framing headers), a Content-Length, then the body."""
+        came (minus hop-by-hop and framing headers), a Content-Length, then ``body``."""
         headers = forwarded_headers(request, drop_length=True, extra_dropped=(b"expect",))
         if request.headers.get(hdrs.HOST) is None:
-            headers.append((b"Host", self._keyed.host_header))
+            headers.append((b"Host", self._lean.host_header))
         if body or request.body_exists or request.method in _BODY_METHODS:
             headers.append((b"Content-Length", str(len(body)).encode()))
-        target = self._keyed.path_prefix + request.raw_path.encode("utf-8", "surrogateescape")
+        target = self._lean.path_prefix + request.raw_path.encode("utf-8", "surrogateescape")
         lines = [b"%s %s HTTP/1.1" % (request.method.encode(), target)]
         lines.extend(name + b": " + value for name, value in headers)
         lines.append(b"")
@@ -163,8 +186,8 @@ class Upstream:
 
     async def exchange(self, request: web.BaseRequest, body: bytes, max_body: int) -> Exchange:
         """Send a keyed request once and read its answer up to ``max_body`` bytes."""
-        answer = await self._keyed.exchange(
-            self._keyed_request(request, body), request.method == "HEAD", max_body
+        answer = await self._lean.exchange(
+            self._serialised(request, body), request.method == "HEAD", max_body
         )
         return Exchange(
             answer.status, answer.reason, end_to_end(answer.headers), answer.body, answer.rest
@@ -190,19 +213,35 @@ class Upstream:
     async def stream(
         self, request: web.BaseRequest, body: bytes | None = None
     ) -> web.StreamResponse:
-        """Pass a request through, streaming both ways. ``body``: already read from the client."""
-        has_body = body is not None or request.body_exists
+        """Pass a request through; the answer streams back as it arrives. ``body``: already
+        read from the client. A body still to be read streams up through aiohttp's client."""
+        if body is None and request.body_exists:
+            return await self._stream_body(request)
+        try:
+            answer = await self._lean.exchange(
+                self._serialised(request, body or b""), request.method == "HEAD", None
+            )
+        except UpstreamFailure as failure:
+            code = "upstream_timeout" if failure.kind == "timeout" else "upstream_unavailable"
+            return ProblemError(code, "the upstream did not answer").response()
+        headers = end_to_end(answer.headers)
+        try:
+            return await relay(request, answer.status, answer.reason, headers, b"", answer.rest)
+        finally:
+            if answer.rest is not None:
+                answer.rest.close()
+
+    async def _stream_body(self, request: web.BaseRequest) -> web.StreamResponse:
         chunked_in = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-        data: object = body if body is not None else (request.content if has_body else None)
         try:
             upstream = await self.session.request(
                 request.method,
                 self.url(request),
-                headers=self.request_headers(request, drop_length=body is not None or chunked_in),
-                data=data,
+                headers=self.request_headers(request, drop_length=chunked_in),
+                data=request.content,
                 allow_redirects=False,
                 timeout=self._stream_timeout,
-                chunked=True if chunked_in and body is None else None,
+                chunked=True if chunked_in else None,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             timed_out = isinstance(exc, TimeoutError) and not isinstance(
@@ -210,15 +249,12 @@ class Upstream:
             )
             code = "upstream_timeout" if timed_out else "upstream_unavailable"
             return ProblemError(code, "the upstream did not answer").response()
+        headers = end_to_end(upstream.raw_headers)
         try:
-            response = VerbatimStreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in end_to_end(upstream.raw_headers):
-                response.headers.add(name, value)
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
+            chunks = upstream.content.iter_any()
+            return await relay(
+                request, upstream.status, upstream.reason or "", headers, b"", chunks
+            )
         finally:
             upstream.release()
 
