@@ -201,9 +201,10 @@ class _Connection(asyncio.Protocol):
             state = self._state
             if state == _HEAD:
                 end = buffer.find(b"\r\n\r\n")
+                if end > _MAX_HEAD or (end < 0 and len(buffer) > _MAX_HEAD):
+                    self._fail(UpstreamFailure("broken", "the response head is too large"))
+                    return
                 if end < 0:
-                    if len(buffer) > _MAX_HEAD:
-                        self._fail(UpstreamFailure("broken", "the response head is too large"))
                     return
                 head = bytes(buffer[:end])
                 del buffer[: end + 4]
@@ -364,7 +365,7 @@ class _Connection(asyncio.Protocol):
 
 
 def _is_status(text: bytes) -> bool:
-    return len(text) == 3 and text.isdigit()
+    return len(text) == 3 and text.isdigit() and text[:1] != b"0"
 
 
 def _chunk_size(line: bytes) -> int | None:

@@ -65,6 +65,7 @@ def forwarded_headers(
         elif lower == b"x-forwarded-for":
             prior.append(value)
     dropped.add(b"x-forwarded-for")
+    dropped.discard(b"host")  # even when Connection names it: an HTTP/1.1 request needs one
     headers = [(name, value) for name, value in raw if name.lower() not in dropped]
     peer = (request.remote or "").encode()
     headers.append((b"X-Forwarded-For", b", ".join([*prior, peer]) if prior else peer))
