@@ -146,8 +146,8 @@ def canonical_body(body: bytes) -> bytes:
     stripped = body.lstrip()
     if stripped[:1] in (b"{", b"["):
         try:
-            document = json.loads(body, parse_float=_exact_number, object_pairs_hook=_unique_names)
-            return b"J" + _CANONICAL.encode(document)
+            text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads
+            return b"J" + _CANONICAL.encode(_JSON.decode(text))
         # ArithmeticError: a number no decimal can hold (10e999999999999999999)
         except (ValueError, RecursionError, ArithmeticError, msgspec.EncodeError):
             pass  # not JSON, or JSON whose meaning is not clear-cut: compared as sent
@@ -169,6 +169,9 @@ def _unique_names(pairs: list[tuple[str, object]]) -> dict[str, object]:
     if len(document) != len(pairs):
         raise ValueError("duplicate names in a JSON object")
     return document
+
+
+_JSON = json.JSONDecoder(parse_float=_exact_number, object_pairs_hook=_unique_names)
 
 
 def fingerprint(
