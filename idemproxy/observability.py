@@ -91,9 +91,11 @@ class Trace:
     def finish(self, metrics: Metrics, status: int) -> None:
         duration = time.monotonic() - self.started
         metrics.count(self.route, self.outcome)
+        if not access_log.isEnabledFor(logging.INFO):  # the logger's level rules both paths
+            return
         if _direct_access_log is not None:
             _direct_access_log.write(self, status, duration)
-        elif access_log.isEnabledFor(logging.INFO):
+        else:
             access_log.info("request", extra={"fields": self.fields(status, duration)})
 
     def fields(self, status: int, duration: float) -> dict[str, Any]:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from idemproxy.observability import JsonFormatter
+from idemproxy import observability
+from idemproxy.observability import DirectAccessLog, JsonFormatter, Metrics, Trace
 from tests.conftest import HOST, ProxyFactory, RunningProxy, Upstream, free_port, run_cli
 
 TOKEN = "admin-token-for-tests-0123456789"
@@ -344,3 +347,22 @@ async def test_a_running_proxy_writes_every_access_line_to_stderr_as_json(
     assert len(access[0]["key_hash"]) == 64
     for secret in ("stderr-secret-key", "stderr-credential", "stderr-body"):
         assert secret not in stderr
+
+
+def test_the_access_loggers_level_rules_the_direct_writer_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.BytesIO()
+    monkeypatch.setattr(observability, "_direct_access_log", DirectAccessLog(stream))
+    access = logging.getLogger("idemproxy.access")
+    level = access.level
+    try:
+        access.setLevel(logging.INFO)
+        Trace("GET", "/seen", time.monotonic()).finish(Metrics(), 200)  # no loop: written at once
+        access.setLevel(logging.WARNING)
+        Trace("GET", "/silenced", time.monotonic()).finish(Metrics(), 200)
+    finally:
+        access.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["path"] for line in lines] == ["/seen"]
+    assert lines[0]["logger"] == "idemproxy.access"
