@@ -1,9 +1,10 @@
 """A pipelined Redis client for the hot path: standalone Redis over TCP or a unix socket.
 
-All commands share one connection. Those issued in the same loop iteration leave in one write,
-and Redis answers in order, so replies are matched to callers first in, first out. N concurrent
-requests cost one system call each way instead of N, and none of redis-py's per-command pool
-checkout, encoder and parser layers. Sentinel, Cluster, TLS and URL options stay on redis-py.
+All commands share one connection. Under load, those issued in the same loop iteration leave in
+one write (a command with nothing else in flight goes at once), and Redis answers in order, so
+replies are matched to callers first in, first out. N concurrent requests cost one system call
+each way instead of N, and none of redis-py's per-command pool checkout, encoder and parser
+layers. Sentinel, Cluster, TLS and URL options stay on redis-py.
 
 Timeouts: instead of a timer per command, a watchdog looks at the oldest unanswered command
 twice a second; when it is older than the store timeout the connection is dropped, which fails
@@ -107,13 +108,18 @@ class _Connection(asyncio.Protocol):
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         future = self._loop.create_future()
-        if not self.usable:
+        transport = self._transport
+        if self._ended is not None or transport is None:
             future.set_exception(self._ended or ConnectionResetError("not connected"))
             return future
         self._waiting.append((future, self._loop.time() + self._timeout))
-        if not self._outgoing:
+        if self._outgoing:  # a flush is due later in this loop iteration
+            self._outgoing.append(command)
+        elif len(self._waiting) == 1:  # nothing else in flight: no batch worth waiting for
+            transport.write(command)
+        else:
+            self._outgoing.append(command)
             self._loop.call_soon(self._flush)
-        self._outgoing.append(command)
         return future
 
     def close(self) -> None:
