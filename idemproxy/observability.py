@@ -142,15 +142,17 @@ class TextFormatter(logging.Formatter):
 class DirectAccessLog:
     """The access line of a running proxy, written without the ``logging`` module.
 
-    The same JSON object ``JsonFormatter`` makes, encoded once, with the lines of one loop
-    iteration written to stderr together: a record, a handler lock, a formatter and a flush per
-    line cost ~50 µs a request (bench/profile-new-keys.txt). Without ``setup_logging`` (tests,
-    embedding), access lines stay ordinary records on the ``idemproxy.access`` logger.
+    The same JSON object ``JsonFormatter`` makes, encoded once; lines are written to stderr
+    together, at most ``_FLUSH_INTERVAL`` after the first of them or once ``_FLUSH_LINES`` are
+    waiting, and at shutdown. A record, a handler lock, a formatter and a flush per line cost
+    ~50 µs a request (bench/profile-new-keys.txt of 2026-11-29 05:35). Without
+    ``setup_logging`` (tests, embedding), access lines stay records on ``idemproxy.access``.
     """
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self._lines: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._second_text = ""
 
@@ -167,16 +169,19 @@ class DirectAccessLog:
             "message": "request",
             **trace.fields(status, duration),
         }
-        if not self._lines:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop: nothing batches, so write at once
-                self._lines.append(_json_line.encode(line))
-                self.flush()
-                return
         self._lines.append(_json_line.encode(line))
+        if len(self._lines) >= _FLUSH_LINES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(_FLUSH_INTERVAL, self.flush)
+            except RuntimeError:  # no loop to flush later: write at once
+                self.flush()
 
     def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._lines:
             self._lines.append(b"")
             self._stream.write(b"\n".join(self._lines))
@@ -184,6 +189,8 @@ class DirectAccessLog:
             self._lines.clear()
 
 
+_FLUSH_INTERVAL = 0.05  # seconds
+_FLUSH_LINES = 256
 _direct_access_log: DirectAccessLog | None = None
 
 
