@@ -25,7 +25,10 @@ from idemproxy.errors import UpstreamFailure
 RawHeaders = list[tuple[bytes, bytes]]
 
 _MAX_HEAD = 64 * 1024  # status line and headers of one response
-_IDLE_EXPIRY = 15.0  # a pooled connection idle longer than this is closed rather than reused
+# A pooled connection idle longer than this is closed rather than reused: below the keep-alive
+# timeouts of common upstream servers (Node and uvicorn 5 s, gunicorn 2 s), so that a request is
+# not sent on a connection the upstream is closing at that moment (a lost answer is ambiguous).
+_IDLE_EXPIRY = 1.5
 _PAUSE_AT = 256 * 1024  # streamed rest buffered for a slow client before reading pauses
 
 # Parser states

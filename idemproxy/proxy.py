@@ -12,7 +12,6 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
@@ -60,6 +59,46 @@ class _Lease:
     ttl: float  # how long the completed record is kept
     concurrency: Concurrency
     trace: Trace
+
+
+class _Renewal:
+    """Keeps a lease alive while its upstream call runs (every ``lock_ttl / 3``).
+
+    Most upstream calls end long before the first renewal is due, so the renewing task is only
+    created when it is: a timer costs far less than a task per request.
+    """
+
+    def __init__(self, store: Store, lease: _Lease) -> None:
+        self._store = store
+        self._lease = lease
+        self._task: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(lease.route.lock_ttl / 3, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._renew(), name="lease-renewal")
+
+    async def _renew(self) -> None:
+        lease, lock_ttl = self._lease, self._lease.route.lock_ttl
+        while True:
+            try:
+                if not await self._store.renew(lease.key, lease.token, lock_ttl):
+                    event(
+                        "lease lost while the upstream call was running",
+                        logging.WARNING,
+                        key_hash=lease.trace.key_hash,
+                    )
+                    return
+            except StoreUnavailable as exc:
+                event("could not renew a lease", logging.WARNING, error=str(exc))
+            await asyncio.sleep(lock_ttl / 3)
+
+    async def stop(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 class KeyedProxy:
@@ -275,23 +314,24 @@ class KeyedProxy:
             except ProblemError:
                 await self._settle(lease, None, release=True)  # nothing ran
                 raise
-            async with self._renewing(lease):
-                started = time.monotonic()
-                try:
-                    exchange = await self.upstream.exchange(
-                        request, body, lease.route.max_stored_response
-                    )
-                except UpstreamFailure as failure:
-                    return await self._failed(lease, failure)
-                except asyncio.CancelledError:
-                    # Shutdown or a lost client while the request may have been sent: the
-                    # outcome is unknown, so it is settled like any other ambiguous failure.
-                    cancelled = UpstreamFailure("broken", "cancelled while waiting for upstream")
-                    await asyncio.shield(self._failed(lease, cancelled))
-                    raise
-                finally:
-                    elapsed = time.monotonic() - started
-                    self.metrics.upstream_timer(lease.route.label).observe(elapsed)
+            renewal = _Renewal(self.store, lease)
+            started = time.monotonic()
+            try:
+                exchange = await self.upstream.exchange(
+                    request, body, lease.route.max_stored_response
+                )
+            except UpstreamFailure as failure:
+                return await self._failed(lease, failure)
+            except asyncio.CancelledError:
+                # Shutdown or a lost client while the request may have been sent: the outcome
+                # is unknown, so it is settled like any other ambiguous failure.
+                cancelled = UpstreamFailure("broken", "cancelled while waiting for upstream")
+                await asyncio.shield(self._failed(lease, cancelled))
+                raise
+            finally:
+                elapsed = time.monotonic() - started
+                self.metrics.upstream_timer(lease.route.label).observe(elapsed)
+                await renewal.stop()
             if exchange.pending is not None:
                 lease.trace.outcome = Outcome.NEW
                 await self._settle(lease, None, release=False)
@@ -424,41 +464,6 @@ class KeyedProxy:
             logging.WARNING,
             key_hash=lease.trace.key_hash,
         )
-
-    @contextlib.asynccontextmanager
-    async def _renewing(self, lease: _Lease) -> AsyncIterator[None]:
-        """Keep the lease alive while the upstream call runs."""
-        lock_ttl = lease.route.lock_ttl
-
-        async def renew() -> None:
-            while True:
-                try:
-                    if not await self.store.renew(lease.key, lease.token, lock_ttl):
-                        event(
-                            "lease lost while the upstream call was running",
-                            logging.WARNING,
-                            key_hash=lease.trace.key_hash,
-                        )
-                        return
-                except StoreUnavailable as exc:
-                    event("could not renew a lease", logging.WARNING, error=str(exc))
-                await asyncio.sleep(lock_ttl / 3)
-
-        # Most upstream calls end long before the first renewal is due, so the renewal task is
-        # only created when it is: a timer costs far less than a task per request.
-        tasks: list[asyncio.Task[None]] = []
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(
-            lock_ttl / 3, lambda: tasks.append(loop.create_task(renew(), name="lease-renewal"))
-        )
-        try:
-            yield
-        finally:
-            timer.cancel()
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
