@@ -35,7 +35,6 @@ from idemproxy.store.redis import (
     GET,
     STORE_TIMEOUT,
     RedisStore,
-    _Pipelined,
     _RedisPy,
 )
 from idemproxy.store.resp import (
@@ -200,10 +199,10 @@ async def scenario_cancelled_caller(servers: Servers) -> None:
             # BLPOP holds back every later command on the connection until the gate opens: all
             # of them are written and none is answered while callers are cancelled.
             gate = "c:gate"
-            blocker = asyncio.create_task(client.execute("BLPOP", gate, 10))
-            getters = {k: asyncio.create_task(client.execute("GET", k)) for k in values}
-            failing = asyncio.create_task(client.execute("INCR", "c:text"))
-            tail = asyncio.create_task(client.execute("ECHO", "tail"))
+            blocker = asyncio.ensure_future(client.execute("BLPOP", gate, 10))
+            getters = {k: asyncio.ensure_future(client.execute("GET", k)) for k in values}
+            failing = asyncio.ensure_future(client.execute("INCR", "c:text"))
+            tail = asyncio.ensure_future(client.execute("ECHO", "tail"))
             await asyncio.sleep(0.2)
             everything = [blocker, *getters.values(), failing, tail]
             assert not any(task.done() for task in everything)
@@ -568,8 +567,8 @@ def test_fast_path_supports(url: str, fast: bool) -> None:
 @pytest.mark.parametrize(
     ("url", "mode", "client"),
     [
-        ("redis://127.0.0.1:1/0", "standalone", _Pipelined),
-        ("unix:///tmp/x.sock?db=1", "standalone", _Pipelined),
+        ("redis://127.0.0.1:1/0", "standalone", PipelinedRedis),
+        ("unix:///tmp/x.sock?db=1", "standalone", PipelinedRedis),
         ("redis://127.0.0.1:1/0?socket_keepalive=true", "standalone", _RedisPy),
         ("rediss://127.0.0.1:1/0", "standalone", _RedisPy),
         ("redis://127.0.0.1:1/0", "sentinel", _RedisPy),

@@ -152,26 +152,6 @@ class _Client(Protocol):
     async def close(self) -> None: ...
 
 
-class _Pipelined:
-    """The hot-path client, for standalone Redis (see ``resp``)."""
-
-    def __init__(self, url: str) -> None:
-        self._redis = PipelinedRedis(url, STORE_TIMEOUT)
-
-    async def run(self, script: Script, key: str, args: tuple[Arg, ...]) -> Any:
-        return await self._redis.run(script, key, args)
-
-    async def delete(self, key: str) -> int:
-        deleted: int = await self._redis.execute("DEL", key)
-        return deleted
-
-    async def ping(self) -> None:
-        await self._redis.execute("PING")
-
-    async def close(self) -> None:
-        await self._redis.close()
-
-
 class _RedisPy:
     """redis-py: Sentinel (follows failover), Cluster, TLS and URL options."""
 
@@ -235,7 +215,7 @@ class _RedisPy:
 class RedisStore:
     def __init__(self, config: StoreConfig) -> None:
         self._client: _Client = (
-            _Pipelined(config.url)
+            PipelinedRedis(config.url, STORE_TIMEOUT)
             if config.mode == "standalone" and fast_path_supports(config.url)
             else _RedisPy(config)
         )

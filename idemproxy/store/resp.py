@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -160,10 +161,16 @@ class PipelinedRedis:
         self._connection: _Connection | None = None
         self._opening: asyncio.Future[_Connection] | None = None
 
-    async def execute(self, *args: Arg) -> Any:
+    def execute(self, *args: Arg) -> Awaitable[Any]:
+        """Send one command; the reply is awaited. Connected, that is the reply's future itself:
+        no coroutine frame per command on the hot path."""
         connection = self._connection
-        if connection is None or not connection.usable:
-            connection = await self._connect()
+        if connection is not None and connection.usable:
+            return connection.send(_pack(args))
+        return self._connect_and_execute(args)
+
+    async def _connect_and_execute(self, args: tuple[Arg, ...]) -> Any:
+        connection = await self._connect()
         return await connection.send(_pack(args))
 
     async def run(self, script: Script, key: str, args: tuple[Arg, ...]) -> Any:
@@ -173,6 +180,13 @@ class PipelinedRedis:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         return await self.execute("EVAL", script.source, 1, key, *args)
+
+    async def delete(self, key: str) -> int:
+        deleted: int = await self.execute("DEL", key)
+        return deleted
+
+    async def ping(self) -> None:
+        await self.execute("PING")
 
     async def close(self) -> None:
         if self._connection is not None:
