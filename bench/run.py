@@ -1126,15 +1126,17 @@ def versions(lab: Lab) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             found[package] = "not installed"
     commit = _version_of(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    # This run's own output (profiles are written before the results) is not a code change.
+    not_ours = ["--", ".", ":!bench/results.md", ":!bench/profile-*.txt"]
     dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", *not_ours],
         capture_output=True,
         text=True,
         check=False,
     ).stdout.strip()
     if dirty:
         diff = subprocess.run(
-            ["git", "-C", str(REPO), "diff", "HEAD"], capture_output=True, check=False
+            ["git", "-C", str(REPO), "diff", "HEAD", *not_ours], capture_output=True, check=False
         ).stdout
         commit += f" + uncommitted changes (diff sha256 {hashlib.sha256(diff).hexdigest()[:12]})"
     found["idemproxy commit"] = commit
