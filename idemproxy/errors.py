@@ -96,6 +96,19 @@ class UpstreamFailure(IdemproxyError):
         super().__init__(detail)
 
 
+class AnswerCutShort(IdemproxyError):
+    """An answer already under way to the client broke off (its status line was sent).
+
+    ``side`` says whose end failed: the upstream stopped sending, or the client went away.
+    Either is routine traffic, not a bug: logged as one event line, never a traceback.
+    """
+
+    def __init__(self, status: int, side: Literal["upstream", "client"], detail: str) -> None:
+        self.status = status
+        self.side = side
+        super().__init__(detail)
+
+
 class ProblemError(IdemproxyError):
     def __init__(self, code: str, detail: str, retry_after: int | None = None) -> None:
         self.code = code

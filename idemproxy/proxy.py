@@ -19,7 +19,7 @@ from aiohttp import hdrs, web
 from idemproxy import engine
 from idemproxy.config import Concurrency, Limits, RoutePolicy
 from idemproxy.engine import Existing, Outcome
-from idemproxy.errors import ProblemError, StoreUnavailable, UpstreamFailure
+from idemproxy.errors import AnswerCutShort, ProblemError, StoreUnavailable, UpstreamFailure
 from idemproxy.keys import (
     derived_key,
     extract_key,
@@ -136,6 +136,19 @@ class KeyedProxy:
                 response = problem.response()
             status = response.status
             return response
+        except AnswerCutShort as cut:
+            status = cut.status
+            if cut.side == "upstream":
+                trace.outcome = Outcome.UPSTREAM_ERROR
+            event(
+                "answer cut short",
+                logging.WARNING,
+                side=cut.side,
+                error=str(cut),
+                route=trace.route,
+                key_hash=trace.key_hash,
+            )
+            raise  # aiohttp closes the connection: the client sees the answer end early
         except Exception:
             status = 500
             log.exception("unexpected error while handling a request")

@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from idemproxy.config import UpstreamConfig
-from idemproxy.errors import ProblemError, UpstreamFailure
+from idemproxy.errors import AnswerCutShort, ProblemError, UpstreamFailure
 from idemproxy.http1 import Http1Pool, RawHeaders, ResponseRest
 from idemproxy.responses import VerbatimStreamResponse
 
@@ -116,12 +116,17 @@ async def relay(
     for name, value in headers:
         response.headers.add(name, value)
     await response.prepare(request)
-    if first:
-        await response.write(first)
-    if rest is not None:
-        async for chunk in rest:
-            await response.write(chunk)
-    await response.write_eof()
+    try:
+        if first:
+            await response.write(first)
+        if rest is not None:
+            async for chunk in rest:
+                await response.write(chunk)
+        await response.write_eof()
+    except (UpstreamFailure, aiohttp.ClientPayloadError, TimeoutError) as exc:
+        raise AnswerCutShort(status, "upstream", str(exc) or type(exc).__name__) from exc
+    except ConnectionError as exc:
+        raise AnswerCutShort(status, "client", str(exc) or type(exc).__name__) from exc
     return response
 
 

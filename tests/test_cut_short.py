@@ -1,0 +1,98 @@
+"""An answer that breaks off after its status line went out: one event line, no traceback.
+
+The upstream here is a raw TCP server that promises a long body, sends part of it and hangs up.
+The client must see the answer end early (never a clean, short answer), the proxy must log it as
+"answer cut short" (not as an unexpected error) and keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from idemproxy.app import ProxyServer
+from idemproxy.config import Overrides, load_text
+from tests.conftest import HOST, RunningProxy
+
+PROMISED = 200_000
+SENT = 50_000
+POLICY = (
+    "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: true}\n"
+    "    max_stored_response: 1KiB\n"
+)
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    await reader.readexactly(length)
+    if b" /cut" in head.split(b"\r\n")[0]:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % PROMISED + b"x" * SENT)
+    else:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    await writer.drain()
+    writer.close()
+
+
+@pytest.fixture
+async def proxy_url() -> AsyncIterator[str]:
+    upstream = await asyncio.start_server(_serve, HOST, 0)
+    port = upstream.sockets[0].getsockname()[1]
+    config = load_text(
+        POLICY,
+        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
+    )
+    server = ProxyServer(config)
+    await server.start()
+    yield RunningProxy(server).url
+    await server.stop()
+    upstream.close()
+    await upstream.wait_closed()
+
+
+async def _read_cut(response: aiohttp.ClientResponse) -> int:
+    """Bytes received before the answer broke off; fails if it ended cleanly."""
+    received = 0
+    try:
+        async for chunk in response.content.iter_any():
+            received += len(chunk)
+    except aiohttp.ClientPayloadError:
+        return received
+    raise AssertionError(f"the answer ended cleanly after {received} bytes")
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["pass-through", "keyed-streamed"])
+async def test_an_upstream_that_hangs_up_mid_answer_cuts_the_client_answer_short(
+    keyed: bool,
+    proxy_url: str,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="idemproxy")
+    if keyed:
+        request = http.post(proxy_url + "/cut", data=b"x", headers={"Idempotency-Key": "cut-1"})
+    else:
+        request = http.get(proxy_url + "/cut")
+    async with request as response:
+        assert response.status == 200
+        assert await _read_cut(response) < PROMISED
+    async with http.get(proxy_url + "/after") as response:  # still serving
+        assert response.status == 200
+        assert await response.read() == b"ok"
+    cut = [r for r in caplog.records if r.getMessage() == "answer cut short"]
+    assert len(cut) == 1
+    assert cut[0].fields["side"] == "upstream"  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("idemproxy")]
+    access = [r for r in caplog.records if r.name == "idemproxy.access"]
+    assert [r.fields["outcome"] for r in access] == ["upstream_error", "passthrough"]  # type: ignore[attr-defined]
