@@ -32,7 +32,7 @@ from idemproxy.policy import Policy
 from idemproxy.records import StoredResponse
 from idemproxy.responses import VerbatimResponse
 from idemproxy.store import Store
-from idemproxy.upstream import Upstream, relay
+from idemproxy.upstream import Upstream, relay_exchange
 
 log = logging.getLogger("idemproxy")
 
@@ -348,17 +348,7 @@ class KeyedProxy:
             if exchange.pending is not None:
                 lease.trace.outcome = Outcome.NEW
                 await self._settle(lease, None, release=False)
-                try:
-                    return await relay(
-                        request,
-                        exchange.status,
-                        exchange.reason,
-                        exchange.headers,
-                        exchange.body,
-                        exchange.pending,
-                    )
-                finally:
-                    exchange.pending.close()
+                return await relay_exchange(request, exchange)
             release = engine.after_response(lease.route, exchange.status) == "release"
             lease.trace.outcome = Outcome.RELEASED if release else Outcome.NEW
             stored = StoredResponse(exchange.status, exchange.headers, exchange.body)

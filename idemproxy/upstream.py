@@ -33,18 +33,27 @@ from idemproxy.responses import VerbatimStreamResponse
 
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when empty
+
+
+def _not_forwarded(raw: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Lower-case names a proxy must not pass on: hop-by-hop ones and those named in Connection."""
+    names = set(HOP_BY_HOP)
+    for name, value in raw:
+        if name.lower() == b"connection":
+            names.update(token.strip().lower() for token in value.split(b","))
+    return names
 
 
 def forwarded_headers(
@@ -53,17 +62,11 @@ def forwarded_headers(
     """The client's headers as sent, without hop-by-hop ones, plus the X-Forwarded-* trio
     (For appended to; Proto and Host kept when the client, e.g. a load balancer, sent them)."""
     raw = request.raw_headers
-    dropped = {name.encode() for name in HOP_BY_HOP}
+    dropped = _not_forwarded(raw)
     dropped.update(extra_dropped)
     if drop_length:
         dropped.add(b"content-length")
-    prior: list[bytes] = []
-    for name, value in raw:
-        lower = name.lower()
-        if lower == b"connection":
-            dropped.update(token.strip().lower() for token in value.split(b","))
-        elif lower == b"x-forwarded-for":
-            prior.append(value)
+    prior = [value for name, value in raw if name.lower() == b"x-forwarded-for"]
     dropped.add(b"x-forwarded-for")
     dropped.discard(b"host")  # even when Connection names it: an HTTP/1.1 request needs one
     headers = [(name, value) for name, value in raw if name.lower() not in dropped]
@@ -80,20 +83,22 @@ def forwarded_headers(
 
 def end_to_end(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """Response headers in their order, duplicates kept, hop-by-hop ones dropped."""
-    pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers]
-    dropped = set(HOP_BY_HOP)
-    for name, value in pairs:
-        if name.lower() == "connection":
-            dropped.update(token.strip().lower() for token in value.split(","))
-    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+    pairs = list(raw_headers)
+    dropped = _not_forwarded(pairs)
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in pairs
+        if name.lower() not in dropped
+    ]
 
 
 @dataclass(slots=True)
 class Exchange:
-    """An upstream answer to a keyed request.
+    """An upstream answer.
 
-    ``pending`` is None when ``body`` is the whole body; otherwise the response was larger than
-    may be stored and the rest is still to be read from ``pending`` and streamed.
+    ``pending`` is None when ``body`` is the whole body; otherwise the rest is still to be read
+    from ``pending`` and streamed (a keyed answer larger than may be stored, or a pass-through
+    answer, handed over at its head).
     """
 
     status: int
@@ -128,6 +133,27 @@ async def relay(
     except ConnectionError as exc:
         raise AnswerCutShort(status, "client", str(exc) or type(exc).__name__) from exc
     return response
+
+
+async def relay_exchange(request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+    """Send an exchange's answer as it arrives, then let go of its upstream connection."""
+    try:
+        return await relay(
+            request,
+            exchange.status,
+            exchange.reason,
+            exchange.headers,
+            exchange.body,
+            exchange.pending,
+        )
+    finally:
+        if exchange.pending is not None:
+            exchange.pending.close()
+
+
+def _no_answer(timed_out: bool) -> web.Response:
+    code = "upstream_timeout" if timed_out else "upstream_unavailable"
+    return ProblemError(code, "the upstream did not answer").response()
 
 
 class Upstream:
@@ -190,8 +216,11 @@ class Upstream:
         lines.append(body)
         return b"\r\n".join(lines)
 
-    async def exchange(self, request: web.BaseRequest, body: bytes, max_body: int) -> Exchange:
-        """Send a keyed request once and read its answer up to ``max_body`` bytes."""
+    async def exchange(
+        self, request: web.BaseRequest, body: bytes, max_body: int | None
+    ) -> Exchange:
+        """Send a request once and read its answer up to ``max_body`` bytes (None: hand it over
+        at its head, all of the body still to come; see ``Http1Pool.exchange``)."""
         answer = await self._lean.exchange(
             self._serialised(request, body), request.method == "HEAD", max_body
         )
@@ -224,18 +253,10 @@ class Upstream:
         if body is None and request.body_exists:
             return await self._stream_body(request)
         try:
-            answer = await self._lean.exchange(
-                self._serialised(request, body or b""), request.method == "HEAD", None
-            )
+            exchange = await self.exchange(request, body or b"", None)
         except UpstreamFailure as failure:
-            code = "upstream_timeout" if failure.kind == "timeout" else "upstream_unavailable"
-            return ProblemError(code, "the upstream did not answer").response()
-        headers = end_to_end(answer.headers)
-        try:
-            return await relay(request, answer.status, answer.reason, headers, b"", answer.rest)
-        finally:
-            if answer.rest is not None:
-                answer.rest.close()
+            return _no_answer(failure.kind == "timeout")
+        return await relay_exchange(request, exchange)
 
     async def _stream_body(self, request: web.BaseRequest) -> web.StreamResponse:
         chunked_in = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
@@ -250,11 +271,10 @@ class Upstream:
                 chunked=True if chunked_in else None,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            timed_out = isinstance(exc, TimeoutError) and not isinstance(
-                exc, aiohttp.ConnectionTimeoutError
+            return _no_answer(
+                isinstance(exc, TimeoutError)
+                and not isinstance(exc, aiohttp.ConnectionTimeoutError)
             )
-            code = "upstream_timeout" if timed_out else "upstream_unavailable"
-            return ProblemError(code, "the upstream did not answer").response()
         headers = end_to_end(upstream.raw_headers)
         try:
             chunks = upstream.content.iter_any()
