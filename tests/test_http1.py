@@ -337,6 +337,19 @@ def assert_replay_of(replay: Reply, first: Reply) -> None:
     assert without_marker(replay.raw) == first.raw
 
 
+async def assert_retry_settled(env: Env, key: str, first: Reply, ambiguous: str) -> None:
+    """A retry of a failed exchange: the stored error answer and no second execution (store),
+    or a fresh run (release)."""
+    retry = await post(env, key)
+    if ambiguous == "store":
+        assert_replay_of(retry, first)
+        assert env.upstream.count(key.encode()) == 1
+    else:
+        assert retry.status == 201, retry.raw[:300]
+        assert not retry.replayed
+        assert env.upstream.count(key.encode()) == 2
+
+
 def assert_problem(reply: Reply, status: int, code: str) -> None:
     assert reply.status == status, (reply.status, reply.raw[:500])
     doc = reply.problem()
@@ -783,14 +796,7 @@ async def _malformed_then_good(malformed: Malformed, ambiguous: str) -> None:
         assert time.monotonic() - started < BOUND
         assert_problem(first, 502, "upstream_unavailable")
         assert not first.replayed
-        retry = await post(env, "bad")
-        if ambiguous == "store":
-            assert_replay_of(retry, first)  # the stored error answer, no second execution
-            assert env.upstream.count(b"bad") == 1
-        else:
-            assert retry.status == 201, retry.raw[:300]
-            assert not retry.replayed
-            assert env.upstream.count(b"bad") == 2
+        await assert_retry_settled(env, "bad", first, ambiguous)
         # The proxy stays healthy for other keys.
         other = await post(env, uid())
         assert other.status == 201, other.raw[:300]
@@ -833,13 +839,7 @@ async def test_upstream_that_never_answers_is_504_within_the_timeout(ambiguous: 
         first = await post(env, "silent")
         assert time.monotonic() - started < BOUND
         assert_problem(first, 504, "upstream_timeout")
-        retry = await post(env, "silent")
-        if ambiguous == "store":
-            assert_replay_of(retry, first)
-            assert env.upstream.count(b"silent") == 1
-        else:
-            assert retry.status == 201, retry.raw[:300]
-            assert env.upstream.count(b"silent") == 2
+        await assert_retry_settled(env, "silent", first, ambiguous)
         # The timed-out connection is not reused for anyone else.
         other = await post(env, "after-timeout")
         assert other.status == 201
