@@ -195,7 +195,8 @@ async def wait_refused(port: int) -> None:
     while loop.time() < deadline:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1)
-        except (ConnectionRefusedError, TimeoutError):
+        except (ConnectionRefusedError, ConnectionResetError, TimeoutError):
+            # reset: the attempt sat in the accept queue of the listener that just closed
             return
         writer.close()
         with contextlib.suppress(ConnectionError):  # reset: the listener closed meanwhile
