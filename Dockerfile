@@ -25,11 +25,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # Only what the wheel is made of (see .dockerignore): a change to tests or docs does not
 # invalidate this layer.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY idemproxy ./idemproxy
 # aiohttp, uvloop, hiredis (redis[hiredis]) and msgspec come as prebuilt manylinux wheels, so
-# neither stage needs a compiler.
-RUN pip wheel --wheel-dir /wheels .
+# neither stage needs a compiler. constraints.txt pins every dependency to the version CI tested.
+RUN pip wheel --constraint constraints.txt --wheel-dir /wheels .
 
 # --- runtime ----------------------------------------------------------------------------------
 FROM python:3.11-slim AS runtime

@@ -1140,6 +1140,7 @@ def versions(lab: Lab) -> dict[str, str]:
         ).stdout
         commit += f" + uncommitted changes (diff sha256 {hashlib.sha256(diff).hexdigest()[:12]})"
     found["idemproxy commit"] = commit
+    found["constraints.txt"] = constraints_drift()
     redis_version = _version_of([lab.redis_bin, "--version"])
     redis_number = _first(r"v=(\S+)", redis_version)
     found["redis-server"] = f"{redis_number} ({lab.redis_bin})"
@@ -1148,6 +1149,24 @@ def versions(lab: Lab) -> dict[str, str]:
     nginx = _version_of(["nginx", "-v"]) if shutil.which("nginx") else "not installed"
     found["nginx"] = _first(r"nginx/(\S+)", nginx)
     return found
+
+
+def constraints_drift() -> str:
+    """Whether the installed packages are the ones constraints.txt pins (figures are comparable
+    across runs only when they are)."""
+    drift = []
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line)
+        if not match:
+            continue
+        name, pinned = match[1], match[2]
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # markers leave some out (async-timeout on 3.11.3+)
+        if installed != pinned:
+            drift.append(f"{name} {installed} (pinned {pinned})")
+    return "installed as pinned" if not drift else "differs: " + ", ".join(drift)
 
 
 def busy_fraction(seconds: float = 1.0) -> float:

@@ -173,7 +173,7 @@ class _RedisPy:
             return RedisCluster.from_url(config.url, **timeouts)
         if config.mode == "sentinel":
             parts = urlsplit(config.url)
-            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            self._sentinel = Sentinel(
                 list(config.sentinels),
                 sentinel_kwargs={"socket_timeout": STORE_TIMEOUT},
                 **timeouts,
