@@ -16,7 +16,8 @@ The pipeline, one request at a time::
     upstream.exchange (lease renewed) -> engine.after_response -> store.complete | release
 
 ``engine``, ``policy`` and ``keys`` do no I/O; ``proxy`` is the async shell that awaits the store,
-the upstream and the client. Only ``store/`` knows Redis; only ``upstream`` knows aiohttp's client.
+the upstream and the client. Only ``store/`` knows Redis; only ``upstream`` knows aiohttp's client;
+only ``aiohttp_internals`` touches aiohttp's private attributes (a canary test guards them).
 """
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from idemproxy.responses import VerbatimResponse
+from idemproxy.aiohttp_internals import VerbatimResponse
 
 PROBLEM_BASE_URI = "https://idemproxy.dev/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"

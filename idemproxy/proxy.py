@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from idemproxy import engine
+from idemproxy.aiohttp_internals import VerbatimResponse
 from idemproxy.config import Concurrency, Limits, RoutePolicy
 from idemproxy.engine import Existing, Outcome
 from idemproxy.errors import AnswerCutShort, ProblemError, StoreUnavailable, UpstreamFailure
@@ -30,7 +31,6 @@ from idemproxy.keys import (
 from idemproxy.observability import Metrics, Trace, event
 from idemproxy.policy import Policy
 from idemproxy.records import StoredResponse
-from idemproxy.responses import VerbatimResponse
 from idemproxy.store import Store
 from idemproxy.upstream import Upstream, relay_exchange
 

@@ -6,7 +6,7 @@ must deliver a complete request head within ``header_timeout`` of being opened, 
 request's head within ``header_timeout`` of its first byte.
 
 "Head complete" is what aiohttp's parser reports: it returns a message from ``feed_data`` as
-soon as the head is parsed (``RequestHandler.data_received`` counts it in ``_request_count``).
+soon as the head is parsed (``RequestHandler.data_received`` counts it: ``heads_parsed``).
 "A new head started" is a byte arriving while the newest message's body is complete: until
 then, bytes are that body, which ``body_timeout`` and aiohttp's lingering read bound. The parser
 does not tell how many bytes it holds, so the start of a head that arrives in the same segment
@@ -26,8 +26,12 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler
 
+from idemproxy.aiohttp_internals import (
+    InspectableRequestHandler,
+    handler_options,
+    server_loop,
+)
 from idemproxy.errors import ProblemError
 
 
@@ -49,7 +53,7 @@ def request_timeout_answer(header_timeout: float) -> bytes:
     return head.encode("ascii") + body
 
 
-class HeadTimeoutRequestHandler(RequestHandler):
+class HeadTimeoutRequestHandler(InspectableRequestHandler):
     """One client connection; closes it when a request head takes longer than the deadline."""
 
     __slots__ = (
@@ -83,25 +87,24 @@ class HeadTimeoutRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._await_head(self._loop.time() + self._header_timeout)
+        self._await_head(self.loop.time() + self._header_timeout)
 
     def data_received(self, data: bytes) -> None:
         if (
             not self._head_started
             and data
             and self._newest_body.is_eof()
-            and self._payload_parser is None  # not a WebSocket's frames
-            and not self._upgraded
+            and not self.carries_frames
         ):
             self._head_started = True
             if self._head_deadline is None:  # else: the deadline since the connection opened
-                self._await_head(self._loop.time() + self._header_timeout)
-        heads_before = self._request_count
+                self._await_head(self.loop.time() + self._header_timeout)
+        heads_before = self.heads_parsed
         super().data_received(data)
-        if self._request_count != heads_before:
+        if self.heads_parsed != heads_before:
             self._head_deadline = None
             self._head_started = False
-            self._newest_body = self._messages[-1][1]
+            self._newest_body = self.newest_request_body
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._head_timer is not None:
@@ -113,18 +116,18 @@ class HeadTimeoutRequestHandler(RequestHandler):
     def _await_head(self, deadline: float) -> None:
         self._head_deadline = deadline
         if self._head_timer is None:
-            self._head_timer = self._loop.call_at(deadline, self._head_timer_fired)
+            self._head_timer = self.loop.call_at(deadline, self._head_timer_fired)
 
     def _head_timer_fired(self) -> None:
         self._head_timer = None
         deadline = self._head_deadline
-        if deadline is None or self.transport is None or self._force_close or self._close:
+        if deadline is None or self.transport is None or self.closing:
             return
-        if self._loop.time() < deadline:  # the head awaited now started after the timer did
-            self._head_timer = self._loop.call_at(deadline, self._head_timer_fired)
+        if self.loop.time() < deadline:  # the head awaited now started after the timer did
+            self._head_timer = self.loop.call_at(deadline, self._head_timer_fired)
             return
         self._head_deadline = None
-        if self._waiter is None:
+        if not self.awaiting_request:
             # Not waiting for a request: an earlier one is still being answered, and this head
             # was pipelined behind it. Let that answer finish, then close.
             self.close()
@@ -150,11 +153,11 @@ class HeadTimeoutServer(web.Server):
         self._header_timeout = header_timeout
         self._timeout_answer = request_timeout_answer(header_timeout)
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> HeadTimeoutRequestHandler:
         return HeadTimeoutRequestHandler(
             self,
-            loop=self._loop,
+            loop=server_loop(self),
             header_timeout=self._header_timeout,
             timeout_answer=self._timeout_answer,
-            **self._kwargs,
+            **handler_options(self),
         )

@@ -26,10 +26,10 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from idemproxy.aiohttp_internals import VerbatimStreamResponse
 from idemproxy.config import UpstreamConfig
 from idemproxy.errors import AnswerCutShort, ProblemError, UpstreamFailure
 from idemproxy.http1 import Http1Pool, RawHeaders, ResponseRest
-from idemproxy.responses import VerbatimStreamResponse
 
 HOP_BY_HOP = frozenset(
     {

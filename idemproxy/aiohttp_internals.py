@@ -1,0 +1,83 @@
+"""Every private attribute of aiohttp that idemproxy reads or overrides, in one place.
+
+aiohttp has no public hook for two things a proxy needs: knowing when a request head has been
+parsed (the slowloris deadline in ``server.py``) and sending a response without the
+``Content-Type`` and ``Server`` headers aiohttp fills in. Both reach into aiohttp's internals;
+this module is the only one that does, and gives each internal a name that says what it means.
+``tests/test_aiohttp_internals.py`` checks those meanings against the installed aiohttp, and
+pyproject.toml caps aiohttp at the minor release that test last passed on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import hdrs, web
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+
+_FILLED_IN = (hdrs.CONTENT_TYPE, hdrs.SERVER)
+
+
+class InspectableRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with the parts of its state the proxy reads named."""
+
+    __slots__ = ()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    @property
+    def heads_parsed(self) -> int:
+        """How many request heads the parser has returned on this connection so far."""
+        return self._request_count
+
+    @property
+    def newest_request_body(self) -> StreamReader:
+        """The body of the request whose head was parsed last (queued, not yet handled)."""
+        return self._messages[-1][1]
+
+    @property
+    def awaiting_request(self) -> bool:
+        """Whether the handler task is idle, waiting for the next request head."""
+        return self._waiter is not None
+
+    @property
+    def carries_frames(self) -> bool:
+        """Whether the connection left HTTP: a WebSocket's frames or an upgraded protocol."""
+        return self._payload_parser is not None or self._upgraded
+
+    @property
+    def closing(self) -> bool:
+        """Whether the connection is already set to close (after the current answer or now)."""
+        return self._force_close or self._close
+
+
+def server_loop(server: web.Server) -> asyncio.AbstractEventLoop:
+    return server._loop
+
+
+def handler_options(server: web.Server) -> dict[str, Any]:
+    """The keyword options ``web.Server`` hands to every ``RequestHandler`` it makes."""
+    return server._kwargs
+
+
+class VerbatimStreamResponse(web.StreamResponse):
+    """A response that carries the upstream's headers as they were.
+
+    aiohttp fills in ``Content-Type: application/octet-stream`` and its own ``Server`` when a
+    response lacks them (in ``_prepare_headers``); a proxy must not, so those are taken out
+    again when they were added.
+    """
+
+    async def _prepare_headers(self) -> None:
+        added = [name for name in _FILLED_IN if name not in self.headers]
+        await super()._prepare_headers()
+        for name in added:
+            self.headers.popall(name, None)
+
+
+class VerbatimResponse(VerbatimStreamResponse, web.Response):
+    """The buffered twin of ``VerbatimStreamResponse`` (same headers rule, body given whole)."""
