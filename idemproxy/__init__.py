@@ -2,22 +2,38 @@
 
 The pipeline, one request at a time::
 
-    client -> proxy.handle -> policy.match(method, path) -> unmatched: upstream.stream
+    client -> proxy.handle -> policy.match(method, path) -> unmatched: upstream.stream, relay
                                    | keyed route
                                    v
-                      keys.extract / keys.fingerprint          (pure)
+            engine.admit / engine.preconditions / keys.extract -> engine.on_key  (pure)
+                                   v
+                      keys.fingerprint, keys.store_key          (pure)
                                    v
                       store.acquire(key, fingerprint, token)   (one atomic step: lock or read)
                                    v
-                      engine.classify(existing, fingerprint)   (pure decision table, SPEC section 4)
-          +-------------+--------------+--------------+-----------------+
-        Forward       Replay        InProgress      Mismatch      NotReplayable
+                      engine.on_existing(record, ...)           (pure: replay, wait or refuse)
+          +-------------+--------------+----------------+
+        forward       replay         wait           Refuse(code) -> answers.problem_answer
           |
-    upstream.exchange (lease renewed) -> engine.after_response -> store.complete | release
+    upstream.exchange (lease renewed) -> engine.after_response | after_failure -> store.complete
+                                                                                 | store.release
+                                      -> answers.buffered | relay_exchange
 
-``engine``, ``policy`` and ``keys`` do no I/O; ``proxy`` is the async shell that awaits the store,
-the upstream and the client. Only ``store/`` knows Redis; only ``upstream`` knows aiohttp's client;
-only ``aiohttp_internals`` touches aiohttp's private attributes (a canary test guards them).
+Rooms, one reason to change each:
+
+- ``engine``: the whole decision table of SPEC section 4 as pure functions; each decision names
+  a problem of the one catalogue in ``problems`` (status, title, outcome per code) or what to do
+  next. ``engine``, ``policy``, ``keys`` and ``problems`` import nothing that does I/O.
+- ``proxy``: the async shell around ``engine``; it awaits the client, the store, the upstream.
+- ``upstream``: talks to the upstream only; returns an ``Exchange`` or raises
+  ``UpstreamFailure``. ``http1`` is its lean HTTP/1.1 client (request serialisation beside
+  response parsing).
+- ``answers``: talks to the client only; relays, buffered answers, replays, problem answers,
+  WebSockets.
+- ``store/``: the only room that knows Redis. ``config``: YAML to frozen settings, errors with
+  field path and line. ``aiohttp_internals``: the only room that touches aiohttp's private
+  attributes (a canary test guards them). ``admin``, ``observability``, ``app``, ``server``,
+  ``cli`` and ``supervisor`` run and watch it.
 """
 
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from idemproxy.answers import problem_answer
 from idemproxy.errors import ProblemError, StoreUnavailable
 from idemproxy.keys import store_key
 from idemproxy.records import Record
@@ -92,9 +93,9 @@ async def get_key(request: web.Request) -> web.StreamResponse:
         if record is None:
             raise ProblemError("key_not_found", "no record for this key and scope")
     except ProblemError as problem:
-        return problem.response()
+        return problem_answer(problem)
     except StoreUnavailable:
-        return ProblemError("store_unavailable", "the store did not answer", 1).response()
+        return problem_answer(ProblemError("store_unavailable", "the store did not answer", 1))
     key_hash = key.removeprefix(request.app[ADMIN].key_prefix)
     with_body = request.query.get("body") == "1"
     return web.json_response(_describe(record, key_hash, with_body))
@@ -106,9 +107,9 @@ async def delete_key(request: web.Request) -> web.StreamResponse:
         if not await request.app[ADMIN].store.delete(_store_key(request)):
             raise ProblemError("key_not_found", "no record for this key and scope")
     except ProblemError as problem:
-        return problem.response()
+        return problem_answer(problem)
     except StoreUnavailable:
-        return ProblemError("store_unavailable", "the store did not answer", 1).response()
+        return problem_answer(ProblemError("store_unavailable", "the store did not answer", 1))
     return web.Response(status=204)
 
 
@@ -127,4 +128,6 @@ def create_admin_app(context: AdminContext) -> web.Application:
 
 
 async def keys_disabled(request: web.Request) -> web.Response:
-    return ProblemError("keys_api_disabled", "set admin.token to enable the keys API").response()
+    return problem_answer(
+        ProblemError("keys_api_disabled", "set admin.token to enable the keys API")
+    )

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from idemproxy.errors import ConfigError, ConfigProblem
+from idemproxy.policy import check_pattern
 
 __all__ = ["Config", "ConfigError", "Overrides", "RoutePolicy", "load", "load_text"]
 from idemproxy.units import (
@@ -651,8 +652,6 @@ class _Resolver:
         )
 
     def match(self, match: MatchFile | None, path: str) -> tuple[str, frozenset[str]]:
-        from idemproxy.policy import check_pattern  # policy imports this module's types
-
         pattern = match.path if match is not None else None
         if pattern is None:
             self.problem(f"{path}.path", "every route needs match.path")

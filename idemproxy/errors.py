@@ -14,9 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from aiohttp import web
-
-from idemproxy.aiohttp_internals import VerbatimResponse
+from idemproxy.problems import PROBLEMS, Outcome
 
 PROBLEM_BASE_URI = "https://idemproxy.dev/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -61,29 +59,6 @@ class StoreUnavailable(IdemproxyError):
         self.maybe_applied = maybe_applied
 
 
-# code -> (status, title). The codes are the stable contract of SPEC section 4.
-PROBLEMS: dict[str, tuple[int, str]] = {
-    "idempotency_key_missing": (400, "Idempotency key missing"),
-    "idempotency_key_invalid": (400, "Idempotency key invalid"),
-    "request_too_large": (413, "Request body too large"),
-    "request_in_progress": (409, "Request in progress"),
-    "idempotency_key_reused": (422, "Idempotency key reused"),
-    "response_not_replayable": (409, "Response not replayable"),
-    "upstream_unavailable": (502, "Upstream unavailable"),
-    "upstream_timeout": (504, "Upstream timeout"),
-    "store_unavailable": (503, "Store unavailable"),
-    "precondition_required": (428, "Precondition required"),
-    "precondition_failed": (412, "Precondition failed"),
-    "request_timeout": (408, "Request too slow"),
-    "invalid_request_target": (400, "Request target not supported"),
-    "proxy_overloaded": (503, "Too many keyed requests in progress"),
-    # the admin listener's own answers
-    "unauthorized": (401, "Admin token missing or wrong"),
-    "key_not_found": (404, "No record for this key"),
-    "keys_api_disabled": (404, "The keys API is disabled"),
-}
-
-
 UpstreamFailureKind = Literal["connect", "timeout", "broken"]
 
 
@@ -110,6 +85,8 @@ class AnswerCutShort(IdemproxyError):
 
 
 class ProblemError(IdemproxyError):
+    """A request the proxy answers itself: a ``code`` of the catalogue in ``problems``."""
+
     def __init__(self, code: str, detail: str, retry_after: int | None = None) -> None:
         self.code = code
         self.detail = detail
@@ -118,14 +95,18 @@ class ProblemError(IdemproxyError):
 
     @property
     def status(self) -> int:
-        return PROBLEMS[self.code][0]
+        return PROBLEMS[self.code].status
+
+    @property
+    def outcome(self) -> Outcome | None:
+        return PROBLEMS[self.code].outcome
 
     def body(self) -> bytes:
-        status, title = PROBLEMS[self.code]
+        kind = PROBLEMS[self.code]
         problem = {
             "type": PROBLEM_BASE_URI + self.code.replace("_", "-"),
-            "title": title,
-            "status": status,
+            "title": kind.title,
+            "status": kind.status,
             "detail": self.detail,
             "code": self.code,
         }
@@ -138,10 +119,3 @@ class ProblemError(IdemproxyError):
         if self.code == "unauthorized":
             headers.append(("WWW-Authenticate", 'Bearer realm="idemproxy-admin"'))
         return headers
-
-    def response(self) -> web.Response:
-        # Verbatim, so that a stored problem replays with exactly the headers it first had.
-        resp = VerbatimResponse(status=self.status, body=self.body())
-        for name, value in self.headers():
-            resp.headers[name] = value
-        return resp

@@ -367,6 +367,15 @@ class _Connection(asyncio.Protocol):
             self._pool.forget(self)
 
 
+def serialise_request(method: bytes, target: bytes, headers: RawHeaders, body: bytes) -> bytes:
+    """One whole HTTP/1.1 request: request line, header lines as given, blank line, body."""
+    lines = [b"%s %s HTTP/1.1" % (method, target)]
+    lines.extend(name + b": " + value for name, value in headers)
+    lines.append(b"")
+    lines.append(body)
+    return b"\r\n".join(lines)
+
+
 def _is_status(text: bytes) -> bool:
     return len(text) == 3 and text.isdigit() and text[:1] != b"0"
 

@@ -1,7 +1,7 @@
 """Metrics (Prometheus, via prometheus-client) and logs (one JSON line per request and event).
 
 Labels are bounded: ``route`` is a route's name or pattern, never a raw path; ``outcome`` is one
-of ``engine.Outcome``; ``operation`` one of the store's methods.
+of ``problems.Outcome``; ``operation`` one of the store's methods.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Literal
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from idemproxy.engine import Outcome
+from idemproxy.problems import Outcome
 
 UNMATCHED = "unmatched"
 LogFormat = Literal["json", "text"]

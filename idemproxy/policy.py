@@ -10,8 +10,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
-from idemproxy.config import RoutePolicy
+
+class Route(Protocol):
+    """What matching needs of a route; ``config.RoutePolicy`` is one (policy imports no config,
+    so that config can validate patterns with ``check_pattern``)."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def methods(self) -> frozenset[str]: ...
+
+
+R = TypeVar("R", bound=Route)
 
 _PARAM = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_]*\}$")
 
@@ -52,8 +65,8 @@ def _segments(path: str) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
-class _CompiledRoute:
-    route: RoutePolicy
+class _CompiledRoute(Generic[R]):
+    route: R
     # None stands for a {name} placeholder
     segments: tuple[str | None, ...]
     open_ended: bool
@@ -65,10 +78,10 @@ class _CompiledRoute:
         return all(want is None or want == got for want, got in zip(fixed, segments, strict=False))
 
 
-class Policy:
+class Policy(Generic[R]):
     """The ordered routes of one config; the first route that matches wins."""
 
-    def __init__(self, routes: tuple[RoutePolicy, ...]) -> None:
+    def __init__(self, routes: tuple[R, ...]) -> None:
         compiled = []
         for route in routes:
             segments = _segments(route.path)
@@ -79,7 +92,7 @@ class Policy:
             compiled.append(_CompiledRoute(route, fixed, open_ended))
         self._routes = tuple(compiled)
 
-    def match(self, method: str, path: str) -> RoutePolicy | None:
+    def match(self, method: str, path: str) -> R | None:
         segments = _segments(path)
         for compiled in self._routes:
             if method in compiled.route.methods and compiled.matches(segments):

@@ -17,26 +17,20 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from idemproxy import engine
-from idemproxy.aiohttp_internals import VerbatimResponse
+from idemproxy.answers import buffered as buffered_answer
+from idemproxy.answers import problem_answer, relay_exchange, relay_websocket, replay
 from idemproxy.config import Concurrency, Limits, RoutePolicy
-from idemproxy.engine import Existing, Outcome
+from idemproxy.engine import FORWARD_UNPROTECTED, Refuse
 from idemproxy.errors import AnswerCutShort, ProblemError, StoreUnavailable, UpstreamFailure
-from idemproxy.keys import (
-    derived_key,
-    extract_key,
-    fingerprint,
-    if_match_allows,
-    store_key,
-)
+from idemproxy.keys import derived_key, extract_key, fingerprint, store_key
 from idemproxy.observability import Metrics, Trace, event
 from idemproxy.policy import Policy
+from idemproxy.problems import Outcome
 from idemproxy.records import StoredResponse
 from idemproxy.store import Store
-from idemproxy.upstream import Upstream, relay_exchange
+from idemproxy.upstream import Upstream
 
 log = logging.getLogger("idemproxy")
-
-REPLAYED_HEADER = ("Idempotent-Replayed", "true")
 
 # Lease tokens only need to be unique (they fence holders; they guard no secret): a random
 # per-process prefix and a counter, far cheaper than fresh random bytes per request.
@@ -106,7 +100,7 @@ class KeyedProxy:
 
     def __init__(
         self,
-        policy: Policy,
+        policy: Policy[RoutePolicy],
         store: Store,
         upstream: Upstream,
         key_prefix: str,
@@ -132,8 +126,9 @@ class KeyedProxy:
             try:
                 response = await self._dispatch(request, trace)
             except ProblemError as problem:
-                trace.outcome = engine.OUTCOME_OF_PROBLEM[problem.code]
-                response = problem.response()
+                if problem.outcome is not None:
+                    trace.outcome = problem.outcome
+                response = problem_answer(problem)
             status = response.status
             return response
         except AnswerCutShort as cut:
@@ -165,15 +160,11 @@ class KeyedProxy:
         if route is None:
             return await self._passthrough(request, trace)
         trace.route = route.label
-        if route.require_if_match and hdrs.IF_MATCH not in request.headers:
-            raise ProblemError("precondition_required", "send If-Match with the ETag you last read")
+        _refuse_if(engine.preconditions(route, request.method, hdrs.IF_MATCH in request.headers))
         if not route.keyed:
             await self._check_etag(request, route)
             return await self._passthrough(request, trace)
-        if self._keyed_in_flight >= self.limits.max_in_flight:
-            raise ProblemError(
-                "proxy_overloaded", "too many keyed requests in progress; retry shortly", 1
-            )
+        _refuse_if(engine.admit(self._keyed_in_flight, self.limits.max_in_flight))
         self._keyed_in_flight += 1
         try:
             return await self._keyed(request, route, trace)
@@ -183,28 +174,28 @@ class KeyedProxy:
     async def _passthrough(
         self, request: web.BaseRequest, trace: Trace, body: bytes | None = None
     ) -> web.StreamResponse:
-        if body is None and _is_websocket(request):
-            return await self.upstream.websocket(request)
-        started = time.monotonic()
-        response = await self.upstream.stream(request, body)
-        self.metrics.upstream_timer(trace.route).observe(time.monotonic() - started)
-        return response
+        try:
+            if body is None and _is_websocket(request):
+                return await relay_websocket(request, await self.upstream.open_websocket(request))
+            started = time.monotonic()
+            try:
+                exchange = await self.upstream.stream(request, body)
+            finally:
+                self.metrics.upstream_timer(trace.route).observe(time.monotonic() - started)
+        except UpstreamFailure as failure:
+            raise engine.on_passthrough_failure(failure).error() from None
+        return await relay_exchange(request, exchange)
 
     async def _check_etag(self, request: web.BaseRequest, route: RoutePolicy) -> None:
         """``etag_from_get``: 412 unless If-Match names the resource's current ETag."""
         if_match = request.headers.get(hdrs.IF_MATCH)
-        if not route.etag_from_get or if_match is None:
+        if if_match is None or not engine.checks_etag(route, request.method, if_match):
             return
         try:
             status, etag = await self.upstream.current_etag(request)
         except UpstreamFailure as failure:
             raise ProblemError("upstream_unavailable", f"upstream: {failure}") from failure
-        if status >= 500:
-            raise ProblemError("upstream_unavailable", f"the GET for the ETag answered {status}")
-        if not if_match_allows(if_match, etag if 200 <= status <= 299 else None):
-            raise ProblemError(
-                "precondition_failed", "If-Match does not match the resource's current ETag"
-            )
+        _refuse_if(engine.on_current_etag(if_match, status, etag))
 
     async def _read_body(self, request: web.BaseRequest, route: RoutePolicy) -> bytes:
         """A keyed request's body, bounded in size and in time (a slow client holds memory)."""
@@ -226,15 +217,12 @@ class KeyedProxy:
         if route.key.source == "body":
             body = await self._read_body(request, route)
         found = extract_key(route.key, request.headers.get, request.query.get, body or b"")
-        client_key: str | None = None  # None: derive the key from the fingerprint
-        if isinstance(found, str):
-            client_key = found
-        elif found.kind != "missing" or route.key.source != "fingerprint":
-            refusal = engine.on_key_problem(route, found)
-            if refusal is None:
-                await self._check_etag(request, route)
-                return await self._passthrough(request, trace, body)
-            raise ProblemError(refusal.code, found.detail)
+        use = engine.on_key(route, found)
+        if use == FORWARD_UNPROTECTED:
+            await self._check_etag(request, route)
+            return await self._passthrough(request, trace, body)
+        if isinstance(use, Refuse):
+            raise use.error()
         if body is None:
             body = await self._read_body(request, route)
         print_ = fingerprint(
@@ -246,8 +234,7 @@ class KeyedProxy:
             body,
         )
         scope_values = [request.headers.get(h, "") for h in route.scope_headers]
-        derived = client_key is None
-        key = derived_key(print_) if client_key is None else client_key
+        key = derived_key(print_) if use.client_key is None else use.client_key
         scoped = store_key(self.key_prefix, scope_values, key)
         trace.key_hash = scoped.removeprefix(self.key_prefix)
         lease = _Lease(
@@ -255,8 +242,8 @@ class KeyedProxy:
             key=scoped,
             fingerprint=print_,
             token=next(_tokens),
-            ttl=route.key.window if derived else route.ttl,
-            concurrency=route.derived_concurrency if derived else route.concurrency,
+            ttl=use.ttl,
+            concurrency=use.concurrency,
             trace=trace,
         )
         try:
@@ -282,40 +269,28 @@ class KeyedProxy:
             )
             if existing is None:
                 return None
-            verdict = engine.classify(existing, lease.fingerprint)
-            if verdict is Existing.REPLAY:
+            may_wait = loop.time() + delay <= deadline
+            verdict = engine.on_existing(existing, lease.fingerprint, lease.concurrency, may_wait)
+            if isinstance(verdict, Refuse):
+                raise verdict.error()
+            if verdict == "replay":
                 assert existing.response is not None
                 lease.trace.outcome = Outcome.REPLAYED
                 return replay(existing.response, lease.route.replay_status)
-            if verdict is Existing.MISMATCH:
-                raise ProblemError(
-                    "idempotency_key_reused",
-                    "this idempotency key was already used for a different request",
-                )
-            if verdict is Existing.NOT_REPLAYABLE:
-                raise ProblemError(
-                    "response_not_replayable",
-                    "the request ran, but its response was too large to keep for replay",
-                )
-            if lease.concurrency == "reject" or loop.time() + delay > deadline:
-                raise ProblemError(
-                    "request_in_progress",
-                    "a request with this idempotency key is still being processed",
-                    retry_after=1,
-                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_POLL)
 
     async def _store_down(
         self, request: web.BaseRequest, trace: Trace, body: bytes, exc: StoreUnavailable
     ) -> web.StreamResponse:
-        if self.fail_open:
-            event("store unavailable, forwarding unprotected", logging.WARNING, error=str(exc))
-            response = await self._passthrough(request, trace, body)
-            trace.outcome = Outcome.STORE_ERROR
-            return response
-        event("store unavailable, refusing a keyed request", logging.WARNING, error=str(exc))
-        raise ProblemError("store_unavailable", "the idempotency store is unavailable", 1)
+        decision = engine.on_store_down(self.fail_open)
+        if isinstance(decision, Refuse):
+            event("store unavailable, refusing a keyed request", logging.WARNING, error=str(exc))
+            raise decision.error()
+        event("store unavailable, forwarding unprotected", logging.WARNING, error=str(exc))
+        response = await self._passthrough(request, trace, body)
+        trace.outcome = Outcome.STORE_ERROR
+        return response
 
     async def _forward_holding_lease(
         self, request: web.BaseRequest, lease: _Lease, body: bytes
@@ -353,13 +328,13 @@ class KeyedProxy:
             lease.trace.outcome = Outcome.RELEASED if release else Outcome.NEW
             stored = StoredResponse(exchange.status, exchange.headers, exchange.body)
             await self._settle(lease, stored, release=release)
-            return _buffered(exchange.status, exchange.headers, exchange.body)
+            return buffered_answer(exchange.status, exchange.headers, exchange.body)
         finally:
             self.metrics.locks_in_flight.dec()
 
     async def _failed(self, lease: _Lease, failure: UpstreamFailure) -> web.StreamResponse:
-        code, disposition = engine.after_failure(lease.route, failure.kind)
-        problem = ProblemError(code, f"upstream: {failure}")
+        refusal, disposition = engine.after_failure(lease.route, failure)
+        problem = refusal.error()
         lease.trace.outcome = Outcome.UPSTREAM_ERROR
         event(
             "upstream failure",
@@ -372,7 +347,7 @@ class KeyedProxy:
         )
         stored = StoredResponse(problem.status, problem.headers(), problem.body())
         await self._settle(lease, stored, release=disposition == "release")
-        return problem.response()
+        return problem_answer(problem)
 
     async def _settle(self, lease: _Lease, response: StoredResponse | None, release: bool) -> None:
         """Release the lease, or complete it with ``response`` (None: not replayable).
@@ -469,6 +444,11 @@ class KeyedProxy:
         )
 
 
+def _refuse_if(refusal: Refuse | None) -> None:
+    if refusal is not None:
+        raise refusal.error()
+
+
 def _is_websocket(request: web.BaseRequest) -> bool:
     return (
         request.headers.get("Upgrade", "").lower() == "websocket"
@@ -494,21 +474,3 @@ async def _read_bounded(request: web.BaseRequest, limit: int) -> bytes:
 
 def _too_large(limit: int) -> ProblemError:
     return ProblemError("request_too_large", f"the request body is larger than {limit} bytes")
-
-
-def _buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.Response:
-    response = VerbatimResponse(status=status)
-    for name, value in headers:
-        response.headers.add(name, value)
-    response.body = body
-    return response
-
-
-def replay(stored: StoredResponse, status_for_created: int | None = None) -> web.Response:
-    """The stored answer plus ``Idempotent-Replayed``; a 201 may be re-labelled (``replay``)."""
-    status = stored.status
-    if status == 201 and status_for_created is not None:
-        status = status_for_created
-    response = _buffered(status, stored.headers, stored.body)
-    response.headers.add(*REPLAYED_HEADER)
-    return response

@@ -1,14 +1,15 @@
 """Talking to the upstream: hop-by-hop stripping, forwarding headers, streaming.
 
-Three ways through:
+Three ways through, each returning what the upstream answered or raising ``UpstreamFailure``
+(nothing here writes to the client; ``answers`` does):
 
-- ``stream``: pass-through. The answer streams back chunk by chunk; nothing is buffered. It goes
-  through the lean client in ``http1`` unless a request body is still to be read from the
-  client, which streams up through aiohttp's client.
+- ``stream``: pass-through. The answer is handed over at its head, its body to be streamed
+  chunk by chunk; nothing is buffered. It goes through the lean client in ``http1`` unless a
+  request body is still to be read from the client, which streams up through aiohttp's client.
 - ``exchange``: keyed requests (the lean client). The request body is already in memory (it was
   fingerprinted); the response is read up to the storable limit, and the caller streams the
   rest if it is larger.
-- ``websocket``: an upgrade is relayed frame by frame (aiohttp).
+- ``open_websocket``: the upstream end of an upgrade (aiohttp).
 
 The two clients keep separate connection pools, each bounded by ``max_connections``.
 
@@ -17,19 +18,18 @@ Nothing here retries: an unsafe request is sent to the upstream at most once per
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from idemproxy.aiohttp_internals import VerbatimStreamResponse
 from idemproxy.config import UpstreamConfig
-from idemproxy.errors import AnswerCutShort, ProblemError, UpstreamFailure
-from idemproxy.http1 import Http1Pool, RawHeaders, ResponseRest
+from idemproxy.errors import UpstreamFailure
+from idemproxy.http1 import Http1Pool, RawHeaders, serialise_request
 
 HOP_BY_HOP = frozenset(
     {
@@ -92,6 +92,15 @@ def end_to_end(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, st
     ]
 
 
+class BodyRest(Protocol):
+    """The rest of an answer's body, read as the client takes it; ``close`` when done with it.
+    A failure of the upstream while it is read is raised as ``UpstreamFailure``."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Exchange:
     """An upstream answer.
@@ -105,55 +114,35 @@ class Exchange:
     reason: str
     headers: list[tuple[str, str]]
     body: bytes
-    pending: ResponseRest | None
+    pending: BodyRest | None
 
 
-async def relay(
-    request: web.BaseRequest,
-    status: int,
-    reason: str,
-    headers: list[tuple[str, str]],
-    first: bytes,
-    rest: AsyncIterable[bytes] | None,
-) -> web.StreamResponse:
-    """Send an upstream answer as it arrives: ``first``, then whatever ``rest`` brings."""
-    response = VerbatimStreamResponse(status=status, reason=reason)
-    for name, value in headers:
-        response.headers.add(name, value)
-    await response.prepare(request)
-    try:
-        if first:
-            await response.write(first)
-        if rest is not None:
-            async for chunk in rest:
-                await response.write(chunk)
-        await response.write_eof()
-    except (UpstreamFailure, aiohttp.ClientPayloadError, TimeoutError) as exc:
-        raise AnswerCutShort(status, "upstream", str(exc) or type(exc).__name__) from exc
-    except ConnectionError as exc:
-        raise AnswerCutShort(status, "client", str(exc) or type(exc).__name__) from exc
-    return response
+class _ClientResponseRest:
+    """An aiohttp client response's body as a ``BodyRest``."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except TimeoutError as exc:
+            raise UpstreamFailure("timeout", str(exc) or "the upstream went silent") from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise UpstreamFailure("broken", str(exc) or type(exc).__name__) from exc
+
+    def close(self) -> None:
+        self._response.release()
 
 
-async def relay_exchange(request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
-    """Send an exchange's answer as it arrives, then let go of its upstream connection."""
-    try:
-        return await relay(
-            request,
-            exchange.status,
-            exchange.reason,
-            exchange.headers,
-            exchange.body,
-            exchange.pending,
-        )
-    finally:
-        if exchange.pending is not None:
-            exchange.pending.close()
-
-
-def _no_answer(timed_out: bool) -> web.Response:
-    code = "upstream_timeout" if timed_out else "upstream_unavailable"
-    return ProblemError(code, "the upstream did not answer").response()
+def _client_failure(exc: TimeoutError | aiohttp.ClientError) -> UpstreamFailure:
+    """An aiohttp client error before any answer, as an ``UpstreamFailure``."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError):
+        return UpstreamFailure("connect", str(exc))
+    if isinstance(exc, TimeoutError):
+        return UpstreamFailure("timeout", str(exc) or "the upstream did not answer in time")
+    return UpstreamFailure("broken", str(exc) or type(exc).__name__)
 
 
 class Upstream:
@@ -210,11 +199,7 @@ class Upstream:
         if body or request.body_exists or request.method in _BODY_METHODS:
             headers.append((b"Content-Length", str(len(body)).encode()))
         target = self._lean.path_prefix + request.raw_path.encode("utf-8", "surrogateescape")
-        lines = [b"%s %s HTTP/1.1" % (request.method.encode(), target)]
-        lines.extend(name + b": " + value for name, value in headers)
-        lines.append(b"")
-        lines.append(body)
-        return b"\r\n".join(lines)
+        return serialise_request(request.method.encode(), target, headers, body)
 
     async def exchange(
         self, request: web.BaseRequest, body: bytes, max_body: int | None
@@ -245,20 +230,15 @@ class Upstream:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamFailure("connect", f"the GET for the ETag failed: {exc}") from exc
 
-    async def stream(
-        self, request: web.BaseRequest, body: bytes | None = None
-    ) -> web.StreamResponse:
-        """Pass a request through; the answer streams back as it arrives. ``body``: already
-        read from the client. A body still to be read streams up through aiohttp's client."""
+    async def stream(self, request: web.BaseRequest, body: bytes | None = None) -> Exchange:
+        """Pass a request through; the answer is handed over at its head, its body still to
+        come. ``body``: already read from the client. A body still to be read streams up
+        through aiohttp's client."""
         if body is None and request.body_exists:
             return await self._stream_body(request)
-        try:
-            exchange = await self.exchange(request, body or b"", None)
-        except UpstreamFailure as failure:
-            return _no_answer(failure.kind == "timeout")
-        return await relay_exchange(request, exchange)
+        return await self.exchange(request, body or b"", None)
 
-    async def _stream_body(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _stream_body(self, request: web.BaseRequest) -> Exchange:
         chunked_in = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
         try:
             upstream = await self.session.request(
@@ -271,21 +251,17 @@ class Upstream:
                 chunked=True if chunked_in else None,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return _no_answer(
-                isinstance(exc, TimeoutError)
-                and not isinstance(exc, aiohttp.ConnectionTimeoutError)
-            )
-        headers = end_to_end(upstream.raw_headers)
-        try:
-            chunks = upstream.content.iter_any()
-            return await relay(
-                request, upstream.status, upstream.reason or "", headers, b"", chunks
-            )
-        finally:
-            upstream.release()
+            raise _client_failure(exc) from exc
+        return Exchange(
+            upstream.status,
+            upstream.reason or "",
+            end_to_end(upstream.raw_headers),
+            b"",
+            _ClientResponseRest(upstream),
+        )
 
-    async def websocket(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Relay a WebSocket: connect upstream first, then accept the client and pump frames."""
+    async def open_websocket(self, request: web.BaseRequest) -> aiohttp.ClientWebSocketResponse:
+        """Connect the upstream end of a WebSocket, offering the client's subprotocols."""
         offered = [
             p.strip()
             for value in request.headers.getall("Sec-WebSocket-Protocol", ())
@@ -297,7 +273,7 @@ class Upstream:
             if name.lower().startswith("sec-websocket-"):
                 headers.popall(name, None)
         try:
-            upstream = await self.session.ws_connect(
+            return await self.session.ws_connect(
                 self.url(request),
                 headers=headers,
                 protocols=offered,
@@ -305,37 +281,4 @@ class Upstream:
                 autoping=False,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return ProblemError("upstream_unavailable", f"websocket: {exc}").response()
-        client = web.WebSocketResponse(
-            protocols=[upstream.protocol] if upstream.protocol else (), autoping=False
-        )
-        await client.prepare(request)
-
-        async def pump(
-            source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-            sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        ) -> None:
-            async for message in source:
-                if message.type == aiohttp.WSMsgType.TEXT:
-                    await sink.send_str(message.data)
-                elif message.type == aiohttp.WSMsgType.BINARY:
-                    await sink.send_bytes(message.data)
-                elif message.type == aiohttp.WSMsgType.PING:
-                    await sink.ping(message.data)
-                elif message.type == aiohttp.WSMsgType.PONG:
-                    await sink.pong(message.data)
-            await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
-
-        tasks = [
-            asyncio.create_task(pump(client, upstream), name="ws-client-to-upstream"),
-            asyncio.create_task(pump(upstream, client), name="ws-upstream-to-client"),
-        ]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await upstream.close()
-            await client.close()
-        return client
+            raise UpstreamFailure("connect", f"websocket: {exc}") from exc

@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from idemproxy.config import ConfigError, load_text
-from idemproxy.errors import PROBLEM_BASE_URI, PROBLEMS
+from idemproxy.errors import PROBLEM_BASE_URI
+from idemproxy.problems import PROBLEMS
 from tests.conftest import ProxyFactory, RunningProxy, Upstream
 
 HEADER_TIMEOUT = "limits: {header_timeout: 500ms, idle_timeout: 30s}\n"
@@ -98,7 +99,7 @@ async def test_half_a_request_line_then_silence_gets_408_and_close(
     assert "Connection: close" in lines
     assert f"Content-Length: {len(body)}" in lines
     problem = json.loads(body)
-    status, title = PROBLEMS["request_timeout"]
+    status, title = PROBLEMS["request_timeout"].status, PROBLEMS["request_timeout"].title
     assert problem["type"] == PROBLEM_BASE_URI + "request-timeout"
     assert (problem["status"], problem["title"], problem["code"]) == (
         status,

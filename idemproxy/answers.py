@@ -1,0 +1,131 @@
+"""The client side: everything the proxy writes back to its client.
+
+``upstream`` talks to the upstream and hands back an ``Exchange`` (or raises
+``UpstreamFailure``); ``proxy`` decides; this module turns the result into the client's answer:
+an upstream answer relayed as it arrives, a buffered answer, a replay of a stored one, a
+problem+json of the proxy's own, or a WebSocket relayed frame by frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable
+
+import aiohttp
+from aiohttp import web
+
+from idemproxy.aiohttp_internals import VerbatimResponse, VerbatimStreamResponse
+from idemproxy.errors import AnswerCutShort, ProblemError, UpstreamFailure
+from idemproxy.records import StoredResponse
+from idemproxy.upstream import Exchange
+
+REPLAYED_HEADER = ("Idempotent-Replayed", "true")
+
+
+def problem_answer(problem: ProblemError) -> web.Response:
+    # Verbatim, so that a stored problem replays with exactly the headers it first had.
+    response = VerbatimResponse(status=problem.status, body=problem.body())
+    for name, value in problem.headers():
+        response.headers[name] = value
+    return response
+
+
+def buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.Response:
+    response = VerbatimResponse(status=status)
+    for name, value in headers:
+        response.headers.add(name, value)
+    response.body = body
+    return response
+
+
+def replay(stored: StoredResponse, status_for_created: int | None = None) -> web.Response:
+    """The stored answer plus ``Idempotent-Replayed``; a 201 may be re-labelled (``replay``)."""
+    status = stored.status
+    if status == 201 and status_for_created is not None:
+        status = status_for_created
+    response = buffered(status, stored.headers, stored.body)
+    response.headers.add(*REPLAYED_HEADER)
+    return response
+
+
+async def relay(
+    request: web.BaseRequest,
+    status: int,
+    reason: str,
+    headers: list[tuple[str, str]],
+    first: bytes,
+    rest: AsyncIterable[bytes] | None,
+) -> web.StreamResponse:
+    """Send an upstream answer as it arrives: ``first``, then whatever ``rest`` brings."""
+    response = VerbatimStreamResponse(status=status, reason=reason)
+    for name, value in headers:
+        response.headers.add(name, value)
+    await response.prepare(request)
+    try:
+        if first:
+            await response.write(first)
+        if rest is not None:
+            async for chunk in rest:
+                await response.write(chunk)
+        await response.write_eof()
+    except UpstreamFailure as exc:
+        raise AnswerCutShort(status, "upstream", str(exc) or type(exc).__name__) from exc
+    except ConnectionError as exc:
+        raise AnswerCutShort(status, "client", str(exc) or type(exc).__name__) from exc
+    return response
+
+
+async def relay_exchange(request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+    """Send an exchange's answer as it arrives, then let go of its upstream connection."""
+    try:
+        return await relay(
+            request,
+            exchange.status,
+            exchange.reason,
+            exchange.headers,
+            exchange.body,
+            exchange.pending,
+        )
+    finally:
+        if exchange.pending is not None:
+            exchange.pending.close()
+
+
+async def relay_websocket(
+    request: web.BaseRequest, upstream: aiohttp.ClientWebSocketResponse
+) -> web.StreamResponse:
+    """Accept the client's upgrade with the protocol the upstream chose, then pump frames both
+    ways until either side closes."""
+    client = web.WebSocketResponse(
+        protocols=[upstream.protocol] if upstream.protocol else (), autoping=False
+    )
+    await client.prepare(request)
+
+    async def pump(
+        source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    ) -> None:
+        async for message in source:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif message.type == aiohttp.WSMsgType.PING:
+                await sink.ping(message.data)
+            elif message.type == aiohttp.WSMsgType.PONG:
+                await sink.pong(message.data)
+        await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+
+    tasks = [
+        asyncio.create_task(pump(client, upstream), name="ws-client-to-upstream"),
+        asyncio.create_task(pump(upstream, client), name="ws-upstream-to-client"),
+    ]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await upstream.close()
+        await client.close()
+    return client
