@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterable
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from idemproxy.aiohttp_internals import VerbatimResponse, VerbatimStreamResponse
 from idemproxy.errors import AnswerCutShort, ProblemError, UpstreamFailure
@@ -20,6 +20,32 @@ from idemproxy.records import StoredResponse
 from idemproxy.upstream import Exchange
 
 REPLAYED_HEADER = ("Idempotent-Replayed", "true")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTINUED = web.RequestKey("continued", bool)  # the 100 was sent
+
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    """Whether the client waits for ``100 Continue`` before it sends its body."""
+    return (
+        request.version >= (1, 1)
+        and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+        and request.body_exists
+    )
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Tell a client that waits (``Expect: 100-continue``) to send its body, once, right before
+    the proxy reads it (RFC 9110 10.1.1). The upstream never sees ``Expect``: the proxy answers
+    it, so no client waits on its own fallback timer or on ``body_timeout``."""
+    if expects_continue(request) and not request.content.is_eof() and _CONTINUED not in request:
+        request[_CONTINUED] = True
+        await request.writer.write(_CONTINUE)
+
+
+def body_left_unread(request: web.BaseRequest) -> bool:
+    """A client told to wait for 100 that got a final answer instead: the connection closes
+    after it, so the body it may still send is not read as the next request."""
+    return expects_continue(request) and _CONTINUED not in request
 
 
 def problem_answer(problem: ProblemError) -> web.Response:

@@ -71,15 +71,16 @@ def admit(keyed_in_flight: int, max_in_flight: int) -> Refuse | None:
 
 
 def preconditions(route: RoutePolicy, method: str, has_if_match: bool) -> Refuse | None:
-    """``require_if_match``: a write that names no ETag is refused before anything else."""
-    if route.require_if_match and not has_if_match:
+    """``require_if_match``: a write that names no ETag is refused before anything else.
+    It concerns PUT, PATCH and DELETE: a POST that creates has no ETag to name."""
+    if route.require_if_match and method in WRITE_METHODS and not has_if_match:
         return Refuse("precondition_required", "send If-Match with the ETag you last read")
     return None
 
 
 def checks_etag(route: RoutePolicy, method: str, if_match: str | None) -> bool:
-    """Whether the resource's current ETag must be fetched (``etag_from_get``)."""
-    return route.etag_from_get and if_match is not None
+    """Whether the resource's current ETag must be fetched (``etag_from_get``, writes only)."""
+    return route.etag_from_get and method in WRITE_METHODS and if_match is not None
 
 
 def on_current_etag(if_match: str, status: int, etag: str | None) -> Refuse | None:

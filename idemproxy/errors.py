@@ -5,6 +5,9 @@
     IdemproxyError
     ├── ConfigError          invalid policy file or flags; carries every problem found
     ├── StoreUnavailable     the store did not answer (connection refused, timeout)
+    ├── UpstreamFailure      the upstream gave no answer (``kind``: may the request have run?)
+    ├── AnswerCutShort       an answer under way broke off (upstream or client side)
+    ├── ClientGone           the client went away before its request was complete
     └── ProblemError         a request the proxy answers itself with a problem+json (RFC 9457)
 """
 
@@ -82,6 +85,14 @@ class AnswerCutShort(IdemproxyError):
         self.status = status
         self.side = side
         super().__init__(detail)
+
+
+class ClientGone(IdemproxyError):
+    """The client went away (reset, or closed its end) before its request body was complete.
+
+    Routine traffic, not a bug: no answer can reach the client, so the request ends with
+    status 499 in the access line, no traceback, and nothing forwarded on a keyed route.
+    """
 
 
 class ProblemError(IdemproxyError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -32,16 +32,24 @@ class KeyProblem:
 
 def extract_key(
     policy: KeyPolicy,
-    header: Callable[[str], str | None],
+    header_lines: Callable[[str], Sequence[str]],
     query: Callable[[str], str | None],
     body: bytes,
 ) -> str | KeyProblem:
+    """The client's key, or why there is none. ``header_lines``: every field line of a name."""
     if policy.source in ("header", "fingerprint"):  # a client's key wins over a derived one
-        raw = header(policy.header)
-        if raw is None:
+        lines = header_lines(policy.header)
+        if not lines:
             return KeyProblem("missing", f"send the {policy.header} header")
+        if len(lines) > 1:
+            # RFC 9110 5.3 joins field lines into one list value, which is not one key: the
+            # upstream may read the lines differently from the key the proxy would protect.
+            return KeyProblem(
+                "invalid", f"send the {policy.header} header once, not {len(lines)} times"
+            )
         # Only the HTTP whitespace around a field value; any other character counts.
-        return _validate(_unquote_sf_string(raw.strip(" \t")), f"the {policy.header} header")
+        where = f"the {policy.header} header"
+        return _validate(_unquote_sf_string(lines[0].strip(" \t")), where)
     if policy.source == "query":
         raw = query(policy.query_name)
         if raw is None:
@@ -87,15 +95,48 @@ def _validate(key: str | None, where: str) -> str | KeyProblem:
 _BODY_DECODER = msgspec.json.Decoder(float_hook=Decimal)
 
 
+class _Members(dict[str, object]):
+    """A JSON object that remembers which member names it saw twice with different values."""
+
+    __slots__ = ("conflicting",)
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        super().__init__()
+        self.conflicting: set[str] = set()
+        for name, value in pairs:
+            if name in self and self[name] != value:
+                self.conflicting.add(name)
+            self[name] = value
+
+
+def _may_repeat_a_member(tokens: list[str], body: bytes) -> bool:
+    """Whether a member name on the pointer's path may occur twice in ``body``: it must then
+    appear twice as a literal JSON string, or be written with escapes."""
+    return b"\\" in body or any(
+        body.count(json.dumps(token, ensure_ascii=False).encode()) > 1 for token in tokens
+    )
+
+
+def _careful_decode(body: bytes) -> object:
+    """The slow decoder: every object a ``_Members`` (RFC 8259 leaves duplicates undefined)."""
+    return json.loads(body, object_pairs_hook=_Members, parse_float=Decimal)
+
+
 def _key_from_body(pointer: str, body: bytes) -> str | KeyProblem:
     where = f"the body field {pointer}"
+    tokens = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
     try:
         document = _BODY_DECODER.decode(body) if body else None
+        if body and _may_repeat_a_member(tokens, body):
+            document = _careful_decode(body)
     except (msgspec.DecodeError, RecursionError, ValueError, ArithmeticError):
         return KeyProblem("missing", f"the body is not JSON, so {where} cannot be read")
     value: object = document
-    for token in pointer.split("/")[1:]:
-        token = token.replace("~1", "/").replace("~0", "~")
+    for token in tokens:
+        if isinstance(value, _Members) and token in value.conflicting:
+            return KeyProblem(
+                "invalid", f"{where}: the body names {token!r} twice with different values"
+            )
         if isinstance(value, dict) and token in value:
             value = value[token]
         elif isinstance(value, list) and token.isdigit() and int(token) < len(value):

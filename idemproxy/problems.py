@@ -30,6 +30,7 @@ class Outcome(StrEnum):
     OVERLOADED = "overloaded"  # 503: limits.max_in_flight keyed requests already in progress
     CLIENT_TIMEOUT = "client_timeout"  # 408: the body did not arrive within limits.body_timeout
     BAD_REQUEST = "bad_request"  # 400: a request target that is not a path (absolute form, *)
+    CLIENT_GONE = "client_gone"  # 499: the client went away before its request was complete
 
 
 @dataclass(frozen=True, slots=True)

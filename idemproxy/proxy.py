@@ -12,16 +12,31 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from idemproxy import engine
-from idemproxy.answers import buffered as buffered_answer
-from idemproxy.answers import problem_answer, relay_exchange, relay_websocket, replay
+from idemproxy.answers import (
+    body_left_unread,
+    buffered,
+    problem_answer,
+    relay_exchange,
+    relay_websocket,
+    replay,
+    send_continue,
+)
 from idemproxy.config import Concurrency, Limits, RoutePolicy
 from idemproxy.engine import FORWARD_UNPROTECTED, Refuse
-from idemproxy.errors import AnswerCutShort, ProblemError, StoreUnavailable, UpstreamFailure
+from idemproxy.errors import (
+    AnswerCutShort,
+    ClientGone,
+    ProblemError,
+    StoreUnavailable,
+    UpstreamFailure,
+)
 from idemproxy.keys import derived_key, extract_key, fingerprint, store_key
 from idemproxy.observability import Metrics, Trace, event
 from idemproxy.policy import Policy
@@ -40,6 +55,7 @@ _FIRST_POLL = 0.01
 _MAX_SETTLING = 10_000  # settlements retried in the background at once, per process
 _LAST_SETTLE_TIMEOUT = 2.0  # shutdown: the last try of all pending settlements together
 _MAX_POLL = 0.2
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +137,7 @@ class KeyedProxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace(request.method, request.path, time.monotonic())
-        status = 499  # cancelled: the client went away before its answer (nginx's convention)
+        status = CLIENT_CLOSED_REQUEST  # cancelled: the client went away before its answer
         try:
             try:
                 response = await self._dispatch(request, trace)
@@ -129,8 +145,17 @@ class KeyedProxy:
                 if problem.outcome is not None:
                     trace.outcome = problem.outcome
                 response = problem_answer(problem)
+                if body_left_unread(request):
+                    response.force_close()
             status = response.status
             return response
+        except ClientGone:
+            status = CLIENT_CLOSED_REQUEST
+            trace.outcome = Outcome.CLIENT_GONE
+            if request.transport is not None:
+                request.transport.close()
+            # Nobody is left to read it: aiohttp's attempt to send it ends quietly.
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
         except AnswerCutShort as cut:
             status = cut.status
             if cut.side == "upstream":
@@ -177,12 +202,23 @@ class KeyedProxy:
         try:
             if body is None and _is_websocket(request):
                 return await relay_websocket(request, await self.upstream.open_websocket(request))
+            if body is None:
+                await send_continue(request)
             started = time.monotonic()
             try:
                 exchange = await self.upstream.stream(request, body)
             finally:
                 self.metrics.upstream_timer(trace.route).observe(time.monotonic() - started)
         except UpstreamFailure as failure:
+            if body is None and _client_went_away(request):
+                raise ClientGone(str(failure)) from None  # its body broke off, not the upstream
+            event(
+                "upstream failure",
+                logging.WARNING,
+                kind=failure.kind,
+                error=str(failure),
+                route=trace.route,
+            )
             raise engine.on_passthrough_failure(failure).error() from None
         return await relay_exchange(request, exchange)
 
@@ -216,7 +252,7 @@ class KeyedProxy:
         body = None
         if route.key.source == "body":
             body = await self._read_body(request, route)
-        found = extract_key(route.key, request.headers.get, request.query.get, body or b"")
+        found = extract_key(route.key, _header_lines(request), request.query.get, body or b"")
         use = engine.on_key(route, found)
         if use == FORWARD_UNPROTECTED:
             await self._check_etag(request, route)
@@ -328,7 +364,7 @@ class KeyedProxy:
             lease.trace.outcome = Outcome.RELEASED if release else Outcome.NEW
             stored = StoredResponse(exchange.status, exchange.headers, exchange.body)
             await self._settle(lease, stored, release=release)
-            return buffered_answer(exchange.status, exchange.headers, exchange.body)
+            return buffered(exchange.status, exchange.headers, exchange.body)
         finally:
             self.metrics.locks_in_flight.dec()
 
@@ -449,6 +485,10 @@ def _refuse_if(refusal: Refuse | None) -> None:
         raise refusal.error()
 
 
+def _header_lines(request: web.BaseRequest) -> Callable[[str], list[str]]:
+    return lambda name: request.headers.getall(name, [])
+
+
 def _is_websocket(request: web.BaseRequest) -> bool:
     return (
         request.headers.get("Upgrade", "").lower() == "websocket"
@@ -462,14 +502,26 @@ async def _read_bounded(request: web.BaseRequest, limit: int) -> bytes:
         raise _too_large(limit)
     if not request.body_exists:
         return b""
+    await send_continue(request)
     chunks: list[bytes] = []
     size = 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except (ConnectionError, HttpProcessingError) as exc:
+        # A reset, or a client that closed its end short of Content-Length (the parser's
+        # ContentLengthError): the request never became whole.
+        raise ClientGone(str(exc) or type(exc).__name__) from exc
     return b"".join(chunks)
+
+
+def _client_went_away(request: web.BaseRequest) -> bool:
+    """Whether the client's end failed: its body stream broke, or its connection is closing."""
+    transport = request.transport
+    return request.content.exception() is not None or transport is None or transport.is_closing()
 
 
 def _too_large(limit: int) -> ProblemError:

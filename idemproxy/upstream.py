@@ -187,7 +187,7 @@ class Upstream:
         """``forwarded_headers`` for aiohttp's client."""
         return CIMultiDict(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in forwarded_headers(request, drop_length)
+            for name, value in forwarded_headers(request, drop_length, (b"expect",))
         )
 
     def _serialised(self, request: web.BaseRequest, body: bytes) -> bytes:

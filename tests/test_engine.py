@@ -180,23 +180,35 @@ def test_admit(in_flight: int, limit: int, expected: str | None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("route", "has_if_match", "expected"),
+    ("route", "method", "has_if_match", "expected"),
     [
-        (IF_MATCH, False, "precondition_required"),
-        (IF_MATCH, True, None),
-        (ROUTE, False, None),
+        (IF_MATCH, "PUT", False, "precondition_required"),
+        (IF_MATCH, "PATCH", False, "precondition_required"),
+        (IF_MATCH, "DELETE", False, "precondition_required"),
+        (IF_MATCH, "PUT", True, None),
+        (ROUTE, "PUT", False, None),
+        # SPEC 4: the rule concerns PUT, PATCH and DELETE; a POST that creates names no ETag
+        (IF_MATCH, "POST", False, None),
     ],
 )
-def test_preconditions(route: RoutePolicy, has_if_match: bool, expected: str | None) -> None:
-    assert code_of(engine.preconditions(route, "PUT", has_if_match)) == expected
+def test_preconditions(
+    route: RoutePolicy, method: str, has_if_match: bool, expected: str | None
+) -> None:
+    assert code_of(engine.preconditions(route, method, has_if_match)) == expected
 
 
 @pytest.mark.parametrize(
-    ("route", "if_match", "expected"),
-    [(ETAG, '"v1"', True), (ETAG, None, False), (ROUTE, '"v1"', False)],
+    ("route", "method", "if_match", "expected"),
+    [
+        (ETAG, "PUT", '"v1"', True),
+        (ETAG, "DELETE", '"v1"', True),
+        (ETAG, "PUT", None, False),
+        (ROUTE, "PUT", '"v1"', False),
+        (ETAG, "POST", '"v1"', False),
+    ],
 )
-def test_checks_etag(route: RoutePolicy, if_match: str | None, expected: bool) -> None:
-    assert engine.checks_etag(route, "PUT", if_match) is expected
+def test_checks_etag(route: RoutePolicy, method: str, if_match: str | None, expected: bool) -> None:
+    assert engine.checks_etag(route, method, if_match) is expected
 
 
 @pytest.mark.parametrize(

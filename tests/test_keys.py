@@ -41,21 +41,26 @@ def lookup(values: Mapping[str, str]) -> Callable[[str], str | None]:
     return values.get
 
 
+def lines(values: Mapping[str, str]) -> Callable[[str], list[str]]:
+    """Header field lines by name, one line per name."""
+    return lambda name: [values[name]] if name in values else []
+
+
 NOTHING: Mapping[str, str] = {}
 
 
 def from_header(value: str) -> str | KeyProblem:
     return extract_key(
-        key_policy("header"), lookup({"Idempotency-Key": value}), lookup(NOTHING), b""
+        key_policy("header"), lines({"Idempotency-Key": value}), lookup(NOTHING), b""
     )
 
 
 def from_body(body: bytes, pointer: str = "/client_id") -> str | KeyProblem:
-    return extract_key(key_policy("body", pointer=pointer), lookup(NOTHING), lookup(NOTHING), body)
+    return extract_key(key_policy("body", pointer=pointer), lines(NOTHING), lookup(NOTHING), body)
 
 
 def from_query(query: Mapping[str, str]) -> str | KeyProblem:
-    return extract_key(key_policy("query"), lookup(NOTHING), lookup(query), b"")
+    return extract_key(key_policy("query"), lines(NOTHING), lookup(query), b"")
 
 
 def kind(result: str | KeyProblem) -> str:
@@ -135,7 +140,7 @@ def test_header_key_length_limit() -> None:
 
 
 def test_header_key_missing() -> None:
-    result = extract_key(key_policy("header"), lookup(NOTHING), lookup(NOTHING), b"")
+    result = extract_key(key_policy("header"), lines(NOTHING), lookup(NOTHING), b"")
     assert isinstance(result, KeyProblem)
     assert result.kind == "missing"
     assert "Idempotency-Key" in result.detail
@@ -143,17 +148,17 @@ def test_header_key_missing() -> None:
 
 def test_header_key_uses_the_configured_header_name() -> None:
     policy = key_policy("header", header="X-Request-Id")
-    found = extract_key(policy, lookup({"X-Request-Id": "r1"}), lookup(NOTHING), b"")
+    found = extract_key(policy, lines({"X-Request-Id": "r1"}), lookup(NOTHING), b"")
     assert found == "r1"
-    other = extract_key(policy, lookup({"Idempotency-Key": "r1"}), lookup(NOTHING), b"")
+    other = extract_key(policy, lines({"Idempotency-Key": "r1"}), lookup(NOTHING), b"")
     assert kind(other) == "missing"
 
 
 def test_fingerprint_source_takes_a_client_key_from_the_header() -> None:
     policy = key_policy("fingerprint")
-    assert extract_key(policy, lookup({"Idempotency-Key": "c1"}), lookup(NOTHING), b"") == "c1"
-    assert kind(extract_key(policy, lookup(NOTHING), lookup(NOTHING), b"{}")) == "missing"
-    assert kind(extract_key(policy, lookup({"Idempotency-Key": ""}), lookup(NOTHING), b"")) == (
+    assert extract_key(policy, lines({"Idempotency-Key": "c1"}), lookup(NOTHING), b"") == "c1"
+    assert kind(extract_key(policy, lines(NOTHING), lookup(NOTHING), b"{}")) == "missing"
+    assert kind(extract_key(policy, lines({"Idempotency-Key": ""}), lookup(NOTHING), b"")) == (
         "invalid"
     )
 
@@ -470,3 +475,43 @@ def test_fingerprint_is_a_sha256_hex_digest() -> None:
 )
 def test_if_match_allows(if_match: str, current: str | None, allowed: bool) -> None:
     assert if_match_allows(if_match, current) is allowed
+
+
+# --- one key, read one way (SPEC 4: repeated field lines, repeated body members) -------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [["k1", "k2"], ["k1", "k1"], ['"k1"', "k1"]],
+    ids=["different", "same", "quoted-and-bare"],
+)
+def test_two_key_field_lines_are_invalid_even_when_they_agree(values: list[str]) -> None:
+    def header_lines(name: str) -> list[str]:
+        return values if name == "Idempotency-Key" else []
+
+    found = extract_key(key_policy("header"), header_lines, lookup(NOTHING), b"")
+    assert isinstance(found, KeyProblem)
+    assert found.kind == "invalid"
+    assert "once" in found.detail
+
+
+@pytest.mark.parametrize(
+    ("body", "pointer", "expected"),
+    [
+        (b'{"client_id": "a", "client_id": "b"}', "/client_id", "invalid"),
+        # the same value twice is one key, read the same way by everyone
+        (b'{"client_id": "a", "client_id": "a"}', "/client_id", "ok:a"),
+        # an escaped spelling of the same name is the same member
+        (b'{"client_id": "a", "client\\u005fid": "b"}', "/client_id", "invalid"),
+        (b'{"order": {"id": "1", "id": "2"}}', "/order/id", "invalid"),
+        (b'{"order": {"id": "1"}, "order": {"id": "2"}}', "/order/id", "invalid"),
+        # a repeated member off the pointer's path does not matter
+        (b'{"client_id": "a", "note": "x", "note": "y"}', "/client_id", "ok:a"),
+        (b'{"client_id": "a", "x": {"client_id": "b"}}', "/client_id", "ok:a"),
+    ],
+    ids=["differs", "agrees", "escaped", "nested", "parent-repeated", "off-path", "elsewhere"],
+)
+def test_a_body_key_repeated_with_different_values_is_invalid(
+    body: bytes, pointer: str, expected: str
+) -> None:
+    assert kind(from_body(body, pointer)) == expected

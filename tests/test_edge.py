@@ -1,0 +1,277 @@
+"""The HTTP edge (SPEC section 5, "The HTTP edge", and the key header rules of section 4).
+
+Raw sockets on both sides where the bytes matter: a client that waits for ``100 Continue``, one
+that goes away mid-body, two key field lines, a body naming its key twice. Every case runs
+through a real proxy to a real upstream that records what it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import HOST, ProxyFactory, RunningProxy, Upstream
+
+BOUND = 10.0  # seconds: every exchange in this file is bounded by this
+
+KEYED = """
+routes:
+  - match: {methods: [POST], path: /orders}
+    key: {required: true}
+    max_request_body: 1KiB
+  - match: {methods: [POST], path: /optional}
+  - match: {methods: [POST], path: /by-body}
+    key: {from: body, pointer: /client_id, required: true}
+  - match: {methods: [POST], path: /off}
+    idempotency: off
+  - match: {methods: [POST, PUT], path: "/articles/{id}"}
+    require_if_match: true
+"""
+
+
+async def open_raw(proxy: RunningProxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = proxy.server.address
+    return await asyncio.open_connection(host, port)
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One final answer framed by Content-Length: its head and its body."""
+    head = await read_head(reader)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head, await asyncio.wait_for(reader.readexactly(length), BOUND)
+
+
+def status_of(head: bytes) -> int:
+    return int(head.split(b" ", 2)[1])
+
+
+def upload(path: str, body_length: int, *headers: str) -> bytes:
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {HOST}",
+        f"Content-Length: {body_length}",
+        "Expect: 100-continue",
+        *headers,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+# --- Expect: 100-continue --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/orders", ("Idempotency-Key: e1",)),  # keyed, key in a header
+        ("/by-body", ()),  # keyed, key in the body: the body must be read to find it
+        ("/optional", ()),  # keyed route, optional key absent: forwarded unprotected
+        ("/off", ()),  # idempotency: off
+        ("/unmatched", ()),  # no route
+    ],
+)
+async def test_a_client_that_waits_for_100_continue_is_told_to_send(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    store_url: str,
+    path: str,
+    headers: tuple[str, ...],
+) -> None:
+    proxy = await make_proxy(KEYED, store=store_url)
+    body = b'{"client_id": "c1", "pad": "' + b"x" * 200 + b'"}'
+    reader, writer = await open_raw(proxy)
+    try:
+        writer.write(upload(path, len(body), *headers))
+        # The client sends nothing more until it is told to: a proxy that does not answer the
+        # expectation leaves this read waiting.
+        interim = await read_head(reader)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        head, _ = await read_answer(reader)
+        assert status_of(head) == 201
+    finally:
+        writer.close()
+    assert upstream.count() == 1
+    call = upstream.calls[0]
+    assert call.body == body
+    assert "Expect" not in call.headers  # the proxy answered it: the upstream never sees it
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "length", "headers", "status", "code"),
+    [
+        ("POST", "/orders", 10, (), 400, "idempotency_key_missing"),
+        ("POST", "/orders", 10, ("Idempotency-Key: ",), 400, "idempotency_key_invalid"),
+        ("POST", "/orders", 5000, ("Idempotency-Key: big",), 413, "request_too_large"),
+        ("PUT", "/articles/1", 10, (), 428, "precondition_required"),
+    ],
+    ids=["missing-key", "invalid-key", "too-large", "no-if-match"],
+)
+async def test_a_refused_upload_is_answered_at_once_and_the_connection_closes(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    method: str,
+    path: str,
+    length: int,
+    headers: tuple[str, ...],
+    status: int,
+    code: str,
+) -> None:
+    proxy = await make_proxy(KEYED)
+    reader, writer = await open_raw(proxy)
+    try:
+        writer.write(upload(path, length, *headers).replace(b"POST", method.encode(), 1))
+        head, body = await read_answer(reader)
+        assert status_of(head) == status
+        assert json.loads(body)["code"] == code
+        assert b"\r\nconnection: close" in head.lower()
+        # A client may send its body anyway (it started, or its own timer ran out): those bytes
+        # are never read as a next request; nothing else comes, and the connection ends.
+        writer.write(b"x" * length)
+        assert await asyncio.wait_for(reader.read(), BOUND) == b""
+    finally:
+        writer.close()
+    assert upstream.count() == 0
+
+
+async def test_a_client_that_sends_its_body_without_waiting_gets_no_stray_100(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    proxy = await make_proxy(KEYED)
+    body = b"0123456789"
+    reader, writer = await open_raw(proxy)
+    try:
+        writer.write(upload("/orders", len(body), "Idempotency-Key: e2") + body)
+        head, _ = await read_answer(reader)
+        # RFC 9110 10.1.1: a server may omit the 100 once the body is already here; it must not
+        # send one after the final answer (it would be read as the next answer).
+        assert status_of(head) in (100, 201)
+        if status_of(head) == 100:
+            head, _ = await read_answer(reader)
+        assert status_of(head) == 201
+    finally:
+        writer.close()
+    assert upstream.count() == 1
+
+
+# --- a client that goes away mid-body --------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/orders", "/by-body", "/off", "/unmatched"])
+async def test_a_client_gone_mid_body_is_a_499_with_nothing_forwarded_and_no_traceback(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    store_url: str,
+    path: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="idemproxy")
+    proxy = await make_proxy(KEYED, store=store_url)
+    for attempt in range(3):
+        _, writer = await open_raw(proxy)
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nIdempotency-Key: gone\r\n"
+            f"Content-Length: 900\r\n\r\n".encode()
+            + b'{"client_id": "gone", "pad": "'
+            + b"x" * 100
+        )
+        await writer.drain()
+        writer.transport.abort()  # a reset, mid-body
+        await _wait_for_access_lines(caplog, attempt + 1)
+    access = _access_lines(caplog)
+    assert [line["status"] for line in access] == [499, 499, 499]
+    assert not {line["outcome"] for line in access} & {"upstream_error", "store_error"}
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    if path in ("/orders", "/by-body"):
+        assert upstream.count() == 0  # a keyed request is forwarded only whole
+        # ...and its key was never left locked: the same key now runs.
+        async with http.post(
+            proxy.url + path,
+            data=b'{"client_id": "gone"}',
+            headers={"Idempotency-Key": "gone"},
+        ) as response:
+            assert response.status == 201
+    metrics = await _metrics(http, proxy)
+    assert 'outcome="upstream_error"' not in metrics
+    assert 'outcome="store_error"' not in metrics
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.name == "idemproxy.access"]  # type: ignore[attr-defined]
+
+
+async def _wait_for_access_lines(caplog: pytest.LogCaptureFixture, count: int) -> None:
+    for _ in range(int(BOUND / 0.02)):
+        if len(_access_lines(caplog)) >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} access lines: {_access_lines(caplog)}")
+
+
+async def _metrics(http: aiohttp.ClientSession, proxy: RunningProxy) -> str:
+    async with http.get(proxy.admin_url + "/metrics") as response:
+        return await response.text()
+
+
+# --- one key, read one way -------------------------------------------------------------------
+
+
+async def test_two_key_field_lines_are_refused_even_when_they_agree(
+    make_proxy: ProxyFactory, upstream: Upstream, store_url: str
+) -> None:
+    proxy = await make_proxy(KEYED, store=store_url)
+    for lines in (("k1", "k2"), ("k1", "k1"), ("k1", "K1")):
+        reader, writer = await open_raw(proxy)
+        try:
+            writer.write(
+                f"POST /orders HTTP/1.1\r\nHost: {HOST}\r\n"
+                f"Idempotency-Key: {lines[0]}\r\nidempotency-key: {lines[1]}\r\n"
+                "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode()
+            )
+            head, body = await read_answer(reader)
+        finally:
+            writer.close()
+        assert status_of(head) == 400
+        assert json.loads(body)["code"] == "idempotency_key_invalid"
+    assert upstream.count() == 0
+
+
+async def test_a_body_naming_its_key_twice_with_different_values_is_refused(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(KEYED)
+    async with http.post(
+        proxy.url + "/by-body", data=b'{"client_id": "a", "client_id": "b"}'
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["code"] == "idempotency_key_invalid"
+    async with http.post(
+        proxy.url + "/by-body", data=b'{"client_id": "a", "client_id": "a"}'
+    ) as response:
+        assert response.status == 201
+    assert upstream.count() == 1
+
+
+async def test_require_if_match_concerns_writes_not_a_post_that_creates(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(KEYED)
+    async with http.post(proxy.url + "/articles/1", data=b"{}") as response:
+        assert response.status == 201
+    async with http.put(proxy.url + "/articles/1", data=b"{}") as response:
+        assert response.status == 428
+    assert upstream.count() == 1
