@@ -20,6 +20,7 @@ from idemproxy.records import StoredResponse
 from idemproxy.upstream import Exchange
 
 REPLAYED_HEADER = ("Idempotent-Replayed", "true")
+_REPLAYED_NAME = REPLAYED_HEADER[0].lower()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CONTINUED = web.RequestKey("continued", bool)  # the 100 was sent
 
@@ -56,8 +57,11 @@ def problem_answer(problem: ProblemError) -> web.Response:
     return response
 
 
-def buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.Response:
-    response = VerbatimResponse(status=status)
+def buffered(
+    status: int, headers: list[tuple[str, str]], body: bytes, reason: str = ""
+) -> web.Response:
+    """A whole answer; ``reason`` empty: the standard phrase of ``status``."""
+    response = VerbatimResponse(status=status, reason=reason or None)
     for name, value in headers:
         response.headers.add(name, value)
     response.body = body
@@ -65,11 +69,15 @@ def buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.Re
 
 
 def replay(stored: StoredResponse, status_for_created: int | None = None) -> web.Response:
-    """The stored answer plus ``Idempotent-Replayed``; a 201 may be re-labelled (``replay``)."""
-    status = stored.status
+    """The stored answer plus ``Idempotent-Replayed``; a 201 may be re-labelled (``replay``).
+
+    An ``Idempotent-Replayed`` the upstream itself sent is left out: the client reads one, ours.
+    """
+    status, reason = stored.status, stored.reason
     if status == 201 and status_for_created is not None:
-        status = status_for_created
-    response = buffered(status, stored.headers, stored.body)
+        status, reason = status_for_created, ""
+    headers = [pair for pair in stored.headers if pair[0].lower() != _REPLAYED_NAME]
+    response = buffered(status, headers, stored.body, reason)
     response.headers.add(*REPLAYED_HEADER)
     return response
 

@@ -24,7 +24,9 @@ from idemproxy.errors import UpstreamFailure
 
 RawHeaders = list[tuple[bytes, bytes]]
 
-_MAX_HEAD = 64 * 1024  # status line and headers of one response
+# Response heads relayed on every path (aiohttp's client is given the same bounds).
+MAX_HEAD = 64 * 1024  # status line and headers of one response
+MAX_HEADER_FIELDS = 256
 # A pooled connection idle longer than this is closed rather than reused: below the keep-alive
 # timeouts of common upstream servers (Node and uvicorn 5 s, gunicorn 2 s), so that a request is
 # not sent on a connection the upstream is closing at that moment (a lost answer is ambiguous).
@@ -204,7 +206,7 @@ class _Connection(asyncio.Protocol):
             state = self._state
             if state == _HEAD:
                 end = buffer.find(b"\r\n\r\n")
-                if end > _MAX_HEAD or (end < 0 and len(buffer) > _MAX_HEAD):
+                if end > MAX_HEAD or (end < 0 and len(buffer) > MAX_HEAD):
                     self._fail(UpstreamFailure("broken", "the response head is too large"))
                     return
                 if end < 0:
@@ -236,7 +238,7 @@ class _Connection(asyncio.Protocol):
             elif state in (_CHUNK_SIZE, _TRAILERS):
                 end = buffer.find(b"\r\n")
                 if end < 0:
-                    if len(buffer) > _MAX_HEAD:
+                    if len(buffer) > MAX_HEAD:
                         self._fail(UpstreamFailure("broken", "malformed chunked body"))
                     return
                 line = bytes(buffer[:end])
@@ -278,6 +280,9 @@ class _Connection(asyncio.Protocol):
         chunked = False
         transfer_coded = False
         keep_alive = parts[0] == b"HTTP/1.1"
+        if len(lines) > MAX_HEADER_FIELDS + 1:
+            self._fail(UpstreamFailure("broken", f"more than {MAX_HEADER_FIELDS} header fields"))
+            return False
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if not colon or not name or name != name.strip() or b"\r" in line or b"\n" in line:
@@ -297,6 +302,11 @@ class _Connection(asyncio.Protocol):
             elif lower == b"connection":
                 tokens = {token.strip().lower() for token in value.split(b",")}
                 keep_alive = (keep_alive and b"close" not in tokens) or b"keep-alive" in tokens
+        if length is not None and transfer_coded:
+            # RFC 9112 6.3: a sign of response splitting. Refused, as aiohttp's parser refuses
+            # it on the other paths, so every path frames an answer the same way.
+            self._fail(UpstreamFailure("broken", "both Transfer-Encoding and Content-Length"))
+            return False
         self._status = status
         self._reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
         self._headers = headers

@@ -41,7 +41,7 @@ from idemproxy.keys import derived_key, extract_key, fingerprint, store_key
 from idemproxy.observability import Metrics, Trace, event
 from idemproxy.policy import Policy
 from idemproxy.problems import Outcome
-from idemproxy.records import StoredResponse
+from idemproxy.records import StoredResponse, unusual_reason
 from idemproxy.store import Store
 from idemproxy.upstream import Upstream
 
@@ -362,9 +362,10 @@ class KeyedProxy:
                 return await relay_exchange(request, exchange)
             release = engine.after_response(lease.route, exchange.status) == "release"
             lease.trace.outcome = Outcome.RELEASED if release else Outcome.NEW
-            stored = StoredResponse(exchange.status, exchange.headers, exchange.body)
+            reason = unusual_reason(exchange.status, exchange.reason)
+            stored = StoredResponse(exchange.status, exchange.headers, exchange.body, reason)
             await self._settle(lease, stored, release=release)
-            return buffered(exchange.status, exchange.headers, exchange.body)
+            return buffered(exchange.status, exchange.headers, exchange.body, reason)
         finally:
             self.metrics.locks_in_flight.dec()
 

@@ -8,6 +8,7 @@ framework object). The response is encoded with msgpack: compact, binary-safe, f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Final
 
 import msgspec
@@ -21,6 +22,19 @@ class StoredResponse(msgspec.Struct, array_like=True, frozen=True):
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    # The upstream's reason phrase when it is not the standard one (``201 CREATED``); empty
+    # (one byte) for the standard phrase. Records written before it existed decode with "",
+    # and older proxies ignore the extra trailing element.
+    reason: str = ""
+
+
+def unusual_reason(status: int, reason: str) -> str:
+    """``reason`` unless it is the standard phrase of ``status`` (which costs nothing to keep)."""
+    try:
+        standard = HTTPStatus(status).phrase
+    except ValueError:
+        return reason
+    return "" if reason == standard else reason
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -29,7 +29,13 @@ from yarl import URL
 
 from idemproxy.config import UpstreamConfig
 from idemproxy.errors import UpstreamFailure
-from idemproxy.http1 import Http1Pool, RawHeaders, serialise_request
+from idemproxy.http1 import (
+    MAX_HEAD,
+    MAX_HEADER_FIELDS,
+    Http1Pool,
+    RawHeaders,
+    serialise_request,
+)
 
 HOP_BY_HOP = frozenset(
     {
@@ -168,6 +174,11 @@ class Upstream:
             auto_decompress=False,  # bytes go back exactly as the upstream sent them
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),
+            # Heads as large as the lean client takes (aiohttp's defaults are 8 KiB a line and
+            # 128 fields): an answer is relayed, or refused, the same way on every path.
+            max_line_size=MAX_HEAD,
+            max_field_size=MAX_HEAD,
+            max_headers=MAX_HEADER_FIELDS,
         )
 
     async def close(self) -> None:

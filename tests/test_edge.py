@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
+from idemproxy.app import ProxyServer
+from idemproxy.config import Overrides, load_text
 from tests.conftest import HOST, ProxyFactory, RunningProxy, Upstream
 
 BOUND = 10.0  # seconds: every exchange in this file is bounded by this
@@ -275,3 +278,157 @@ async def test_require_if_match_concerns_writes_not_a_post_that_creates(
     async with http.put(proxy.url + "/articles/1", data=b"{}") as response:
         assert response.status == 428
     assert upstream.count() == 1
+
+
+# --- upstream answers relayed the same way on every path -------------------------------------
+
+ROUTES = """
+routes:
+  - match: {methods: [POST], path: "/keyed/{name}"}
+    key: {required: true}
+"""
+
+
+def _answer(head_lines: list[bytes], body: bytes = b"ok", status: bytes = b"200 OK") -> bytes:
+    head = [b"HTTP/1.1 " + status, *head_lines, b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+ANSWERS: dict[str, bytes] = {
+    "big-field": _answer([b"X-Big: " + b"b" * 9000]),
+    "256-fields": _answer([b"X-F%03d: v" % i for i in range(255)]),
+    "257-fields": _answer([b"X-F%03d: v" % i for i in range(256)]),
+    "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "reason": _answer([b"Idempotent-Replayed: false"], b"made", b"201 CREATED"),
+}
+
+
+async def _serve_named_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each request with ``ANSWERS[<last path segment>]``, reading its body first."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            length = next(
+                (
+                    int(v)
+                    for n, _, v in (ln.partition(b":") for ln in lines)
+                    if n.lower() == b"content-length"
+                ),
+                0,
+            )
+            if any(ln.lower() == b"transfer-encoding: chunked" for ln in lines):
+                while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) != 0:
+                    await reader.readexactly(size + 2)
+                await reader.readuntil(b"\r\n")
+            else:
+                await reader.readexactly(length)
+            name = lines[0].split(b" ")[1].rsplit(b"/", 1)[-1].decode()
+            writer.write(ANSWERS[name])
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def raw_proxy() -> AsyncIterator[RunningProxy]:
+    upstream = await asyncio.start_server(_serve_named_answer, HOST, 0)
+    port = upstream.sockets[0].getsockname()[1]
+    config = load_text(
+        ROUTES,
+        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
+    )
+    server = ProxyServer(config)
+    await server.start()
+    yield RunningProxy(server)
+    await server.stop()
+    upstream.close()
+    await upstream.wait_closed()
+
+
+@pytest.fixture
+async def big_heads_http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that reads heads as large as the proxy relays (aiohttp's own limits are lower)."""
+    async with aiohttp.ClientSession(
+        auto_decompress=False, max_line_size=1 << 17, max_field_size=1 << 17, max_headers=1024
+    ) as session:
+        yield session
+
+
+async def _streamed_body() -> AsyncIterator[bytes]:
+    """A request body still arriving when the request is forwarded (aiohttp's client path)."""
+    for _ in range(3):
+        yield b"chunk"
+
+
+PATHS = {
+    "get": ("GET", "/pass/{name}", None, {}),
+    "streamed-post": ("POST", "/pass/{name}", "stream", {}),
+    "keyed": ("POST", "/keyed/{name}", b"x", {"Idempotency-Key": "{name}"}),
+}
+
+
+async def _through(
+    http: aiohttp.ClientSession, proxy: RunningProxy, path: str, name: str
+) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    method, target, body, headers = PATHS[path]
+    data: Any = _streamed_body() if body == "stream" else body
+    async with http.request(
+        method,
+        proxy.url + target.replace("{name}", name),
+        data=data,
+        headers={k: v.replace("{name}", name) for k, v in headers.items()},
+    ) as response:
+        return (
+            response.status,
+            response.reason or "",
+            list(response.headers.items()),
+            await response.read(),
+        )
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name", ["big-field", "256-fields"])
+async def test_large_upstream_heads_are_relayed_on_every_path(
+    raw_proxy: RunningProxy, big_heads_http: aiohttp.ClientSession, path: str, name: str
+) -> None:
+    status, _, headers, body = await _through(big_heads_http, raw_proxy, path, name)
+    assert (status, body) == (200, b"ok")
+    sent = [line.split(b": ", 1) for line in ANSWERS[name].split(b"\r\n")[1:-3]]
+    relayed = [(n.encode(), v.encode()) for n, v in headers if n.lower().startswith("x-")]
+    assert relayed == [(n, v) for n, v in sent if n.lower().startswith(b"x-")]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name", ["257-fields", "length-and-chunked"])
+async def test_an_answer_no_path_can_frame_is_a_502_on_every_path_and_says_why(
+    raw_proxy: RunningProxy,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    name: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="idemproxy")
+    status, _, headers, body = await _through(http, raw_proxy, path, name)
+    assert status == 502
+    assert json.loads(body)["code"] == "upstream_unavailable"
+    assert ("Content-Length", "20") not in headers
+    failures = [r for r in caplog.records if r.getMessage() == "upstream failure"]
+    assert len(failures) == 1
+    assert failures[0].fields["error"]  # type: ignore[attr-defined]
+
+
+async def test_reason_phrase_is_kept_and_the_upstreams_replayed_header_is_not_doubled(
+    raw_proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    first = await _through(http, raw_proxy, "keyed", "reason")
+    replay = await _through(http, raw_proxy, "keyed", "reason")
+    passed = await _through(http, raw_proxy, "get", "reason")
+    assert first[:2] == replay[:2] == passed[:2] == (201, "CREATED")
+    assert first[3] == replay[3] == b"made"
+    # The first answer is the upstream's as it came; the replay carries one marker, ours.
+    assert [v for n, v in first[2] if n == "Idempotent-Replayed"] == ["false"]
+    assert [v for n, v in replay[2] if n == "Idempotent-Replayed"] == ["true"]

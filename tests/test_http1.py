@@ -742,6 +742,21 @@ MALFORMED = [
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",),
     ),
     Malformed("signed-content-length", (b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",)),
+    # RFC 9112 6.3: replayed as it came, it would carry a Content-Length its body does not have
+    Malformed(
+        "content-length-and-chunked",
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+        ),
+    ),
+    Malformed(
+        "chunked-and-content-length",
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+        ),
+    ),
     Malformed(
         "bad-chunk-size",
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",),
