@@ -57,6 +57,7 @@ class ProxyServer:
         server = HeadTimeoutServer(
             self.handler.handle,
             header_timeout=limits.header_timeout,
+            on_refused=self.handler.refused,
             access_log=None,
             auto_decompress=False,
             max_line_size=limits.max_request_line,

@@ -56,6 +56,13 @@ PROBLEMS: dict[str, ProblemType] = {
     "request_timeout": ProblemType(408, "Request too slow", Outcome.CLIENT_TIMEOUT),
     "invalid_request_target": ProblemType(400, "Request target not supported", Outcome.BAD_REQUEST),
     "proxy_overloaded": ProblemType(503, "Too many keyed requests in progress", Outcome.OVERLOADED),
+    # what the HTTP parser refuses before any handler sees a request (SPEC 5, the HTTP edge)
+    "malformed_request": ProblemType(400, "Malformed request", Outcome.BAD_REQUEST),
+    "request_head_too_large": ProblemType(
+        431, "Request header fields too large", Outcome.BAD_REQUEST
+    ),
+    # a bug of the proxy's own, answered like every other error (and logged with its traceback)
+    "internal_error": ProblemType(500, "Internal error", None),
     "unauthorized": ProblemType(401, "Admin token missing or wrong", None),
     "key_not_found": ProblemType(404, "No record for this key", None),
     "keys_api_disabled": ProblemType(404, "The keys API is disabled", None),

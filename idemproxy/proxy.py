@@ -176,6 +176,14 @@ class KeyedProxy:
         finally:
             trace.finish(self.metrics, status)
 
+    def refused(self, request: web.BaseRequest, problem: ProblemError) -> None:
+        """A request the HTTP parser refused before ``handle`` saw it: its access line."""
+        trace = Trace(request.method, request.path, time.monotonic())
+        if problem.outcome is not None:
+            trace.outcome = problem.outcome
+        event("request refused by the HTTP parser", logging.INFO, error=problem.detail)
+        trace.finish(self.metrics, problem.status)
+
     async def _dispatch(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):
             # A reverse proxy forwards origin-form targets only (no "http://host/x", "*", CONNECT).

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from idemproxy.aiohttp_internals import (
@@ -32,6 +33,7 @@ from idemproxy.aiohttp_internals import (
     handler_options,
     server_loop,
 )
+from idemproxy.answers import problem_answer
 from idemproxy.errors import ProblemError
 
 
@@ -53,8 +55,26 @@ def request_timeout_answer(header_timeout: float) -> bytes:
     return head.encode("ascii") + body
 
 
+RefusedCallback = Callable[[web.BaseRequest, ProblemError], None]
+
+
+def parser_refusal(exc: BaseException | None) -> ProblemError:
+    """The problem for a request aiohttp's parser refused. The detail names the kind of error
+    only: aiohttp's own message quotes the offending bytes (an Authorization value, say)."""
+    kind = type(exc).__name__ if exc is not None else "BadHttpMessage"
+    if isinstance(exc, LineTooLong):
+        return ProblemError(
+            "request_head_too_large", f"a request line or header is too long ({kind})"
+        )
+    return ProblemError("malformed_request", f"the request is not valid HTTP/1.1 ({kind})")
+
+
 class HeadTimeoutRequestHandler(InspectableRequestHandler):
-    """One client connection; closes it when a request head takes longer than the deadline."""
+    """One client connection; closes it when a request head takes longer than the deadline.
+
+    Its error answers are problem+json too (``handle_error``): aiohttp's plain-text ones echo
+    the offending request bytes.
+    """
 
     __slots__ = (
         "_head_deadline",
@@ -62,6 +82,7 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
         "_head_timer",
         "_header_timeout",
         "_newest_body",
+        "_on_refused",
         "_timeout_answer",
     )
 
@@ -71,11 +92,13 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
         *,
         header_timeout: float,
         timeout_answer: bytes,
+        on_refused: RefusedCallback,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._timeout_answer = timeout_answer
+        self._on_refused = on_refused
         # When the head being awaited must be complete; None while none is awaited.
         self._head_deadline: float | None = None
         # Whether a byte of that head arrived (a connection opened in silence has none).
@@ -105,6 +128,26 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
             self._head_deadline = None
             self._head_started = False
             self._newest_body = self.newest_request_body
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request its parser refused (400), or to a handler that raised
+        (500: the handler logged it and wrote its access line already)."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was already under way; the connection is dropped")
+        if status == 500:
+            problem = ProblemError("internal_error", "the proxy failed to handle this request")
+        else:
+            problem = parser_refusal(exc)
+            self._on_refused(request, problem)
+        response = problem_answer(problem)
+        response.force_close()
+        return response
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._head_timer is not None:
@@ -147,11 +190,13 @@ class HeadTimeoutServer(web.Server):
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
         *,
         header_timeout: float,
+        on_refused: RefusedCallback,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
         self._timeout_answer = request_timeout_answer(header_timeout)
+        self._on_refused = on_refused
 
     def __call__(self) -> HeadTimeoutRequestHandler:
         return HeadTimeoutRequestHandler(
@@ -159,5 +204,6 @@ class HeadTimeoutServer(web.Server):
             loop=server_loop(self),
             header_timeout=self._header_timeout,
             timeout_answer=self._timeout_answer,
+            on_refused=self._on_refused,
             **handler_options(self),
         )

@@ -432,3 +432,55 @@ async def test_reason_phrase_is_kept_and_the_upstreams_replayed_header_is_not_do
     # The first answer is the upstream's as it came; the replay carries one marker, ours.
     assert [v for n, v in first[2] if n == "Idempotent-Replayed"] == ["false"]
     assert [v for n, v in replay[2] if n == "Idempotent-Replayed"] == ["true"]
+
+
+# --- requests the HTTP parser refuses --------------------------------------------------------
+
+SECRET = "Bearer s3cr3t-t0ken"
+REFUSED = {
+    "control-byte": b"POST /orders HTTP/1.1\r\nHost: x\r\nAuthorization: "
+    + SECRET.encode()
+    + b"\x01\r\nContent-Length: 0\r\n\r\n",
+    "length-and-chunked": b"POST /orders HTTP/1.1\r\nHost: x\r\nCookie: sid=s3cr3t-t0ken\r\n"
+    b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two-lengths": b"POST /orders HTTP/1.1\r\nHost: x\r\nAuthorization: "
+    + SECRET.encode()
+    + b"\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc",
+    "signed-length": b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n"
+    b"Cookie: s3cr3t-t0ken\r\n\r\nabc",
+    "http2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "lowercase-method": b"post /orders HTTP/1.1\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n\r\n",
+    "long-header": b"GET / HTTP/1.1\r\nHost: x\r\nCookie: s3cr3t-t0ken" + b"c" * 9000 + b"\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+async def test_a_request_the_parser_refuses_gets_a_problem_that_echoes_nothing(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="idemproxy")
+    proxy = await make_proxy(KEYED)
+    reader, writer = await open_raw(proxy)
+    try:
+        writer.write(REFUSED[name])
+        head, body = await read_answer(reader)
+    finally:
+        writer.close()
+    problem = json.loads(body)
+    expected = (
+        (431, "request_head_too_large") if name == "long-header" else (400, "malformed_request")
+    )
+    assert (status_of(head), problem["code"]) == expected
+    assert b"application/problem+json" in head
+    assert b"s3cr3t" not in head + body
+    assert upstream.count() == 0
+    await _wait_for_access_lines(caplog, 1)
+    [line] = _access_lines(caplog)
+    assert (line["status"], line["outcome"]) == (expected[0], "bad_request")
+    logged = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
+    assert "s3cr3t" not in logged
+    assert not [r for r in caplog.records if r.exc_info]
