@@ -8,6 +8,7 @@ a body that is not JSON is compared as sent.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,6 +29,7 @@ routes:
     key: {from: fingerprint, window: 1m}
 """
 
+PATTERNS = (Path(__file__).resolve().parent.parent / "config" / "patterns.yaml").read_text()
 FIRST = {"amount": 100, "sent_at": "2026-12-05T10:00:00Z", "meta": {"nonce": "a1", "app": "ios"}}
 
 
@@ -143,3 +145,16 @@ def test_ignore_is_only_about_the_body() -> None:
     assert raw == fingerprint(policy, "POST", "/payments", "", lambda name: [], body(sent_at=None))
     assert raw != fingerprint(policy, "POST", "/other", "", lambda name: [], body())
     assert raw != fingerprint(policy, "POST", "/payments", "sent_at=1", lambda name: [], body())
+
+
+async def test_the_patterns_example_contact_form_leaves_the_send_time_out(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(PATTERNS)
+    url = proxy.url + "/forms/contact"
+    form = {"email": "a@example.com", "message": "hello"}
+    status, first = await post(http, url, json.dumps({**form, "submitted_at": 1}).encode(), None)
+    assert status == 201
+    status, again = await post(http, url, json.dumps({**form, "submitted_at": 2}).encode(), None)
+    assert (status, again["replayed"], again["serial"]) == (201, "true", first["serial"])
+    assert upstream.count("/forms/contact") == 1
