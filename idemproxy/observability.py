@@ -12,6 +12,7 @@ them; ``process_*`` series are the process's own, and with ``--workers`` one set
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
@@ -120,8 +121,9 @@ class ProcessesCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         families: dict[str, Metric] = {}
         for name, pid in self._processes():
-            # prometheus-client's reader of /proc/<pid>; a process gone meanwhile yields nothing.
-            reader = ProcessCollector(pid=lambda pid=pid: pid, registry=None)  # type: ignore[misc]
+            # prometheus-client's reader of /proc/<pid> (it takes a callable that returns the pid);
+            # a process gone meanwhile yields nothing.
+            reader = ProcessCollector(pid=functools.partial(int, pid), registry=None)
             for family in reader.collect():
                 merged = families.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type)
