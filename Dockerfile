@@ -45,11 +45,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     IDEMPROXY_CONFIG=/etc/idemproxy/policy.yaml
 
-# Install from the builder's wheels only (--no-index: nothing is fetched here, and the versions
-# are exactly the ones the builder resolved). The wheels are bind-mounted, so they never land in
-# a layer. The import check fails the build if uvloop or hiredis did not come along.
+# Install the wheel the builder made, with its dependencies from the builder's wheels only
+# (--no-index: nothing is fetched here, and the versions are exactly the ones the builder
+# resolved; naming the wheel file pins idemproxy itself, hadolint DL3013). The wheels are
+# bind-mounted, so they never land in a layer. The import check fails the build if uvloop or hiredis did not come along.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels idemproxy \
+    pip install --no-index --find-links=/wheels /wheels/idemproxy-*.whl \
     && python -c "import idemproxy, uvloop, hiredis" \
     && groupadd --system --gid 10001 idemproxy \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

@@ -46,6 +46,10 @@ FingerprintPart = Literal["method", "path", "query", "body"]
 Duration = Annotated[float, "duration"]
 Size = Annotated[int, "size"]
 HostPort = Annotated[str, "host:port"]
+# A release_statuses entry: a status code (503) or a status class (5xx), RFC 9110 section 15.
+StatusOrClass = Annotated[int | str, "status"]
+# An RFC 6901 JSON Pointer to a member of a JSON body, e.g. /meta/nonce.
+JsonPointer = Annotated[str, "json-pointer"]
 
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -70,6 +74,7 @@ class FingerprintFile:
     include: list[FingerprintPart] | None = None
     headers: list[str] | None = None
     json_canonical: bool | None = None
+    ignore: list[JsonPointer] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ class PolicyFile:
     wait_timeout: Duration | None = None
     fingerprint: FingerprintFile | None = None
     scope: list[str] | None = None
-    release_statuses: list[int] | None = None
+    release_statuses: list[StatusOrClass] | None = None
     ambiguous: Ambiguous | None = None
     max_request_body: Size | None = None
     max_stored_response: Size | None = None
@@ -177,6 +182,8 @@ class FingerprintPolicy:
     include: frozenset[str]
     headers: tuple[str, ...]
     json_canonical: bool
+    # JSON body members left out, each pointer split into its unescaped reference tokens.
+    ignore: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,7 +449,13 @@ class _Builder:
         raise TypeError(f"unsupported config type {hint!r}")  # pragma: no cover - a coding error
 
     def _annotated(self, base: Any, marker: str, value: object, path: str) -> Any:
-        parser = {"duration": parse_duration, "size": parse_size, "host:port": parse_host_port}
+        parser = {
+            "duration": parse_duration,
+            "size": parse_size,
+            "host:port": parse_host_port,
+            "status": parse_status,
+            "json-pointer": parse_json_pointer,
+        }
         try:
             parsed = parser[marker](value)
         except ValueError as exc:
@@ -473,6 +486,61 @@ class _Builder:
             if built is not INVALID:
                 kwargs[spec.name] = built
         return cls(**kwargs)
+
+
+_STATUS_CLASS = re.compile(r"[1-5]xx")
+
+
+def parse_status(value: object) -> int | str:
+    """A ``release_statuses`` entry: a status code (100 to 599) or a class, ``1xx`` to ``5xx``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 100 <= value <= 599:
+            raise ValueError(f"{value} is not an HTTP status (100 to 599)")
+        return value
+    if isinstance(value, str) and _STATUS_CLASS.fullmatch(value):
+        return value
+    if isinstance(value, str) and _STATUS_CLASS.fullmatch(value.lower()):
+        raise ValueError(f"write the status class {value!r} as {value.lower()}")
+    if isinstance(value, str) and re.fullmatch(r"\dxx", value):
+        raise ValueError(f"{value} is not an HTTP status class (1xx to 5xx)")
+    raise ValueError(f"expected a status code like 503 or a class like 5xx, got {value!r}")
+
+
+_MEMBER_POINTER = re.compile(r"(/([^~/]|~[01])*)+")
+
+
+def parse_json_pointer(value: object) -> str:
+    """An ``fingerprint.ignore`` entry: an RFC 6901 JSON Pointer to a member, not the root."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a JSON pointer like /sent_at, got {_kind(value)}")
+    if value == "":
+        raise ValueError(
+            "the empty pointer is the whole body; to leave the body out of the fingerprint, "
+            "remove body from fingerprint.include"
+        )
+    if not _MEMBER_POINTER.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a JSON pointer (RFC 6901): it starts with / and writes ~ as ~0, "
+            "/ inside a name as ~1"
+        )
+    return value
+
+
+def pointer_tokens(pointer: str) -> tuple[str, ...]:
+    """``/meta/a~1b`` -> ``("meta", "a/b")`` (RFC 6901 section 4: ~1 first, then ~0)."""
+    return tuple(t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:])
+
+
+def status_codes(entries: list[int | str]) -> frozenset[int]:
+    """The codes ``release_statuses`` names: a class ``4xx`` stands for 400 to 499."""
+    codes: set[int] = set()
+    for entry in entries:
+        if isinstance(entry, int):
+            codes.add(entry)
+        else:
+            first = int(entry[0]) * 100
+            codes.update(range(first, first + 100))
+    return frozenset(codes)
 
 
 def _kind(value: object) -> str:
@@ -562,7 +630,7 @@ class _Resolver:
             wait_timeout=merged.wait_timeout,
             fingerprint=fingerprint,
             scope_headers=tuple(scope),
-            release_statuses=frozenset(statuses),
+            release_statuses=statuses,
             ambiguous=merged.ambiguous,
             max_request_body=merged.max_request_body,
             max_stored_response=merged.max_stored_response,
@@ -574,7 +642,7 @@ class _Resolver:
 
     def policy_fields(
         self, merged: PolicyFile, written: PolicyFile, path: str
-    ) -> tuple[KeyPolicy, list[str], FingerprintPolicy, list[int], int | None]:
+    ) -> tuple[KeyPolicy, list[str], FingerprintPolicy, frozenset[int], int | None]:
         """Check the fields shared by ``defaults`` and routes; report only those ``written``."""
         self.reporting = written.key is not None
         key = self.key(merged.key or KeyFile(), written.key, f"{path}.key")
@@ -582,11 +650,7 @@ class _Resolver:
         scope = self.scope(merged.scope or [], f"{path}.scope")
         self.reporting = written.fingerprint is not None
         fingerprint = self.fingerprint(merged.fingerprint or FingerprintFile(), path)
-        self.reporting = written.release_statuses is not None
-        statuses = merged.release_statuses or []
-        for i, status in enumerate(statuses):
-            if not 100 <= status <= 599:
-                self.problem(f"{path}.release_statuses[{i}]", f"{status} is not an HTTP status")
+        statuses = status_codes(merged.release_statuses or [])  # each entry checked when read
         self.reporting = written.replay is not None
         replay_status = merged.replay.status if merged.replay is not None else None
         if merged.replay is not None and (replay_status is None or not 200 <= replay_status <= 299):
@@ -645,10 +709,21 @@ class _Resolver:
         for i, name in enumerate(headers):
             if not is_token(name):
                 self.problem(f"{path}.fingerprint.headers[{i}]", f"{name!r} is not a header name")
+        include = frozenset(merged.include or [])
+        ignore = merged.ignore or []
+        # ignore works on the canonical JSON of the body; anything else would silently do nothing.
+        if ignore and "body" not in include:
+            self.problem(f"{path}.fingerprint.ignore", "ignore needs body in fingerprint.include")
+        if ignore and not merged.json_canonical:
+            self.problem(
+                f"{path}.fingerprint.ignore",
+                "ignore needs json_canonical: true (members are left out of the JSON value)",
+            )
         return FingerprintPolicy(
-            include=frozenset(merged.include or []),
+            include=include,
             headers=tuple(h.lower() for h in headers),
             json_canonical=bool(merged.json_canonical),
+            ignore=tuple(pointer_tokens(pointer) for pointer in ignore),
         )
 
     def match(self, match: MatchFile | None, path: str) -> tuple[str, frozenset[str]]:

@@ -179,20 +179,62 @@ def store_key(prefix: str, scope_values: Iterable[str], key: str) -> str:
     return prefix + hashlib.sha256(_length_prefixed(parts)).hexdigest()
 
 
-def canonical_body(body: bytes) -> bytes:
+Pointers = tuple[tuple[str, ...], ...]  # JSON pointers as reference tokens (config.pointer_tokens)
+
+
+def canonical_body(body: bytes, ignore: Pointers = ()) -> bytes:
     """JSON compared by value: key order and spacing do not matter. Non-JSON stays as sent.
 
+    ``ignore``: members of a JSON body left out (``fingerprint.ignore``); a raw body keeps them.
     The first byte tags which form follows, so a raw body can never equal a canonical one.
     """
     stripped = body.lstrip()
     if stripped[:1] in (b"{", b"["):
         try:
             text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads
-            return b"J" + _CANONICAL.encode(_JSON.decode(text))
+            document = _JSON.decode(text)
+            if ignore:
+                _leave_out(document, ignore)
+            return b"J" + _CANONICAL.encode(document)
         # ArithmeticError: a number no decimal can hold (10e999999999999999999)
         except (ValueError, RecursionError, ArithmeticError, msgspec.EncodeError):
             pass  # not JSON, or JSON whose meaning is not clear-cut: compared as sent
     return b"R" + body
+
+
+_ABSENT = object()
+_ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")  # RFC 6901: no leading zeros, no "-"
+
+
+def _child(value: object, token: str) -> object:
+    if isinstance(value, dict):
+        return value.get(token, _ABSENT)
+    if isinstance(value, list) and _ARRAY_INDEX.fullmatch(token) and int(token) < len(value):
+        return value[int(token)]
+    return _ABSENT
+
+
+def _leave_out(document: object, pointers: Pointers) -> None:
+    """Remove what each pointer names, all resolved against the body as sent (so removing one
+    array element does not shift what another pointer names); an absent target is fine."""
+    members: list[tuple[dict[str, object], str]] = []
+    elements: dict[int, tuple[list[object], set[int]]] = {}
+    for tokens in pointers:
+        parent = document
+        for token in tokens[:-1]:
+            parent = _child(parent, token)
+        last = tokens[-1]
+        if _child(parent, last) is _ABSENT:
+            continue
+        if isinstance(parent, dict):
+            members.append((parent, last))
+        elif isinstance(parent, list):
+            elements.setdefault(id(parent), (parent, set()))[1].add(int(last))
+    for obj, name in members:
+        obj.pop(name, None)
+    for array, indices in elements.values():
+        for index in sorted(indices, reverse=True):
+            del array[index]
 
 
 # Numbers keep their exact value (0.30000000000000001 is not 0.3), compared by value (1.0 is 1).
@@ -230,7 +272,7 @@ def fingerprint(
         query.encode("utf-8", "surrogateescape") if "query" in include else b"",
     ]
     if "body" in include:
-        parts.append(canonical_body(body) if policy.json_canonical else body)
+        parts.append(canonical_body(body, policy.ignore) if policy.json_canonical else body)
     else:
         parts.append(b"")
     for name in policy.headers:

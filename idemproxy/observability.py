@@ -1,20 +1,38 @@
 """Metrics (Prometheus, via prometheus-client) and logs (one JSON line per request and event).
 
 Labels are bounded: ``route`` is a route's name or pattern, never a raw path; ``outcome`` is one
-of ``problems.Outcome``; ``operation`` one of the store's methods.
+of ``problems.Outcome``; ``operation`` one of the store's methods; ``process`` (``--workers``
+only) ``supervisor`` or ``worker-N``.
+
+One process and ``--workers`` expose the same series: the workers' metrics are summed through
+prometheus-client's multiprocess mode, which has no ``*_created`` series, so neither mode has
+them; ``process_*`` series are the process's own, and with ``--workers`` one set per process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Metric,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.registry import Collector
 
 from idemproxy.problems import Outcome
 
@@ -25,11 +43,23 @@ access_log = logging.getLogger("idemproxy.access")
 event_log = logging.getLogger("idemproxy")
 
 
+# Up to and past upstream.timeout's default of 60s, so slow exchanges are not all in +Inf.
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+UPSTREAM_HELP = (
+    "Upstream time: keyed requests until the answer was read (one too large to store: until its "
+    "head), pass-through until it was relayed."
+)
+
+
 class Metrics:
     """The proxy's metrics, in a registry of its own (one per ProxyServer)."""
 
     def __init__(self) -> None:
+        # Multiprocess mode (--workers) cannot make *_created series; one process must show the
+        # same series. A process-wide switch of prometheus-client: idemproxy owns its process.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, ..._memory_bytes
         self.requests = Counter(
             "idemproxy_requests",
             "Requests by route and outcome.",
@@ -38,8 +68,9 @@ class Metrics:
         )
         self.upstream_duration = Histogram(
             "idemproxy_upstream_duration_seconds",
-            "Time until the upstream's response headers arrived.",
+            UPSTREAM_HELP,
             ["route"],
+            buckets=UPSTREAM_BUCKETS,
             registry=self.registry,
         )
         self.store_duration = Histogram(
@@ -75,6 +106,41 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ProcessesCollector(Collector):
+    """``process_*`` series of several processes (``--workers``), one ``process`` label each.
+
+    ``processes`` names the live ones: ``("supervisor", pid)``, ``("worker-0", pid)``, ... A
+    worker restarted under the same name starts its counters again, as a restarted process does.
+    """
+
+    def __init__(self, processes: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._processes = processes
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for name, pid in self._processes():
+            # prometheus-client's reader of /proc/<pid> (it takes a callable that returns the pid);
+            # a process gone meanwhile yields nothing.
+            reader = ProcessCollector(pid=functools.partial(int, pid), registry=None)
+            for family in reader.collect():
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "process": name}, sample.value)
+        return families.values()
+
+
+def workers_exposition(processes: Callable[[], Iterable[tuple[str, int]]]) -> Callable[[], bytes]:
+    """The supervisor's ``/metrics``: the workers' metrics summed (prometheus-client's
+    multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``) and the ``process_*`` series of each
+    process in ``processes``."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(ProcessesCollector(processes))
+    return lambda: generate_latest(registry)
 
 
 @dataclass(slots=True)

@@ -3,7 +3,14 @@
 The schema is derived from the type hints of ``idemproxy.config.PolicyDocument`` and the
 dataclasses it refers to, so it cannot drift from the model the loader uses. It checks the file
 as written (before ``${VAR}`` expansion); the loader's own checks go further (a route needs
-``match.path``, statuses must be HTTP statuses, durations must be greater than zero, ...).
+``match.path``, durations must be greater than zero, ...).
+
+It accepts every value the loader may accept, read by a YAML 1.1 or a YAML 1.2 tool:
+
+- any value that is not a plain string may be a string with a ``${VAR}`` reference in it
+  (expanded, then typed, by the loader);
+- a boolean may be written ``off``, ``yes``, ... and an integer ``1_000``: the loader reads YAML
+  1.1 (PyYAML), which types them; YAML 1.2 tools (editors, ``check-jsonschema``) see strings.
 
 The generated copy shipped in the package, ``policy.schema.json``, is refreshed with::
 
@@ -28,6 +35,36 @@ PATTERNS = {
     "duration": r"^\d+(\.\d+)?(ms|s|m|h|d)$",
     "size": r"^\d+\s*(B|KiB|MiB|GiB)?$",
     "host:port": r"^.*:\d+$",
+    "status": r"^[1-5]xx$",  # a status class; a status code is an integer
+    "json-pointer": r"^(/([^~/]|~[01])*)+$",  # RFC 6901, any pointer but the whole document
+}
+
+# Strings that YAML 1.1 (the loader) reads as booleans and integers (PyYAML's resolver); YAML
+# 1.2 reads most of them as strings.
+YAML11_BOOLEANS = [
+    *("yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF"),
+    *("true", "True", "TRUE", "false", "False", "FALSE"),
+]
+YAML11_INTEGER = (
+    r"^[-+]?(0b[0-1_]+|0[0-7_]+|(0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|[1-9][0-9_]*(:[0-5]?[0-9])+)$"
+)
+# A ${VAR} or ${VAR:-default} reference somewhere in the string (as idemproxy.config expands).
+ENV_REFERENCE = r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}"
+SPELLINGS = {
+    "env-reference": {
+        "type": "string",
+        "pattern": ENV_REFERENCE,
+        "description": "Filled in from the environment: ${VAR} or ${VAR:-default}.",
+    },
+    "yaml-1.1-boolean": {
+        "enum": YAML11_BOOLEANS,
+        "description": "A boolean as YAML 1.1 (the loader) spells it, e.g. off.",
+    },
+    "yaml-1.1-integer": {
+        "type": "string",
+        "pattern": YAML11_INTEGER,
+        "description": "An integer as YAML 1.1 (the loader) spells it, e.g. 1_000.",
+    },
 }
 
 # Field descriptions, keyed by "<dataclass>.<yaml name>"; inherited fields use the base class.
@@ -58,13 +95,16 @@ DESCRIPTIONS = {
     "PolicyFile.concurrency": "reject: 409 at once; wait: block, then replay.",
     "PolicyFile.fingerprint": 'What makes two requests "the same request".',
     "PolicyFile.scope": "Keys live in a namespace per credential, e.g. header:Authorization.",
-    "PolicyFile.release_statuses": "Statuses not stored: the client may retry and it runs again.",
+    "PolicyFile.release_statuses": "Statuses not stored: the client may retry and it runs again. "
+    "Codes (503) or classes (4xx).",
     "PolicyFile.ambiguous": "Upstream timeout or lost connection: "
     "store (at most once) or release (at least once).",
     "PolicyFile.require_if_match": "Answer 428 to requests without If-Match.",
     "PolicyFile.etag_from_get": "GET the resource first; 412 when its ETag does not match.",
     "PolicyFile.replay": "How replays are answered, e.g. status: 200 replays a 201 as 200.",
     "FingerprintFile.json_canonical": "Compare JSON bodies by value, not key order or spacing.",
+    "FingerprintFile.ignore": "JSON pointers (e.g. /sent_at) of body members left out of the "
+    "fingerprint; needs json_canonical and a JSON body.",
     "RouteFile.name": "The route's label in metrics and logs (else its pattern).",
     "RouteFile.match": "Which requests the route applies to; methods default to [POST, PATCH].",
     "RouteFile.idempotency": "false (or a bare off): pass through.",
@@ -76,6 +116,7 @@ def policy_schema() -> dict[str, Any]:
     defs: dict[str, Any] = {}
     root = _object(PolicyDocument, defs)
     root["patternProperties"] = {"^x-": {}}  # top-level x-* fields hold YAML anchors
+    defs.update(SPELLINGS)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
@@ -121,6 +162,22 @@ def _description(cls: type[Any], name: str) -> str | None:
     return None
 
 
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def _any_of(*options: dict[str, Any]) -> dict[str, Any]:
+    """One of ``options``; nested anyOf lists are flattened."""
+    flat: list[dict[str, Any]] = []
+    for option in options:
+        flat.extend(option["anyOf"] if set(option) == {"anyOf"} else [option])
+    return flat[0] if len(flat) == 1 else {"anyOf": flat}
+
+
+ENV = _ref("env-reference")
+INTEGER = _ref("yaml-1.1-integer")
+
+
 def _type(hint: Any, defs: dict[str, Any]) -> dict[str, Any]:
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -128,18 +185,22 @@ def _type(hint: Any, defs: dict[str, Any]) -> dict[str, Any]:
         options = [_type(arg, defs) for arg in get_args(hint) if arg is not type(None)]
         if type(None) in get_args(hint):
             options.append({"type": "null"})
-        return options[0] if len(options) == 1 else {"anyOf": options}
+        return _any_of(*options)
     if origin is Annotated:
         marker = get_args(hint)[1]
         string = {"type": "string", "pattern": PATTERNS[marker]}
         if marker == "size":
-            return {"oneOf": [string, {"type": "integer", "minimum": 0}]}
-        return string
+            return _any_of(string, {"type": "integer", "minimum": 0}, INTEGER, ENV)
+        if marker == "status":
+            return _any_of(
+                {"type": "integer", "minimum": 100, "maximum": 599}, string, INTEGER, ENV
+            )
+        return _any_of(string, ENV)
     if origin is Literal:
         choices = list(get_args(hint))
         if all(isinstance(choice, str) for choice in choices):
-            return {"type": "string", "enum": choices}
-        return {"enum": choices}
+            return _any_of({"type": "string", "enum": choices}, ENV)
+        return _any_of({"enum": choices}, ENV)
     if origin is list:
         (item,) = get_args(hint)
         return {"type": "array", "items": _type(item, defs)}
@@ -148,7 +209,10 @@ def _type(hint: Any, defs: dict[str, Any]) -> dict[str, Any]:
             defs[hint.__name__] = {}  # reserve the name first: a dataclass may refer to itself
             defs[hint.__name__] = _object(hint, defs)
         return {"$ref": f"#/$defs/{hint.__name__}"}
-    simple = {bool: "boolean", int: "integer", str: "string"}
-    if hint in simple:
-        return {"type": simple[hint]}
+    if hint is bool:
+        return _any_of({"type": "boolean"}, _ref("yaml-1.1-boolean"), ENV)
+    if hint is int:
+        return _any_of({"type": "integer"}, INTEGER, ENV)
+    if hint is str:
+        return {"type": "string"}
     raise TypeError(f"no JSON Schema for config type {hint!r}")

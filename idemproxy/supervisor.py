@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from idemproxy.config import Config, Overrides
-from idemproxy.observability import LogFormat, event
+from idemproxy.observability import LogFormat, event, workers_exposition
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _RESTART_DELAY = 0.5
@@ -101,18 +101,19 @@ class Supervisor:
                     self.workers[index] = self._spawn(index)
             await asyncio.sleep(_POLL)
 
-    async def run(self) -> int:
-        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    def _processes(self) -> list[tuple[str, int]]:
+        """The processes whose ``process_*`` metrics /metrics shows: this one and live workers."""
+        alive = [(i, p.pid) for i, p in enumerate(self.workers) if p.is_alive()]
+        return [("supervisor", os.getpid())] + [(f"worker-{i}", pid) for i, pid in alive if pid]
 
+    async def run(self) -> int:
         from idemproxy.admin import AdminContext, create_admin_app
         from idemproxy.store import open_store
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         store = open_store(self.config.store)
         admin = AdminContext(
             store,
-            lambda: generate_latest(registry),
+            workers_exposition(self._processes),
             self.config.store.key_prefix,
             self.config.admin_token,
         )

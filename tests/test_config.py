@@ -1060,3 +1060,123 @@ def test_root_double_star_matches_root() -> None:
     policy = Policy(config('routes: [{match: {path: "/**"}}]').routes)
     assert policy.match("POST", "/") is not None
     assert policy.match("POST", "") is not None
+
+
+# --- release_statuses: codes and classes (SPEC section 3) -----------------------------------
+
+
+def test_release_status_classes_stand_for_every_code_of_the_class() -> None:
+    cfg = config(
+        """
+        defaults:
+          release_statuses: [4xx, 503]
+        routes:
+          - match: {path: /a}
+          - match: {path: /b}
+            release_statuses: [5xx]
+        """
+    )
+    inherits, overrides = cfg.routes
+    assert inherits.release_statuses == frozenset([*range(400, 500), 503])
+    assert overrides.release_statuses == frozenset(range(500, 600))
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        pytest.param("6xx", "not an HTTP status class (1xx to 5xx)", id="6xx"),
+        pytest.param("0xx", "not an HTTP status class (1xx to 5xx)", id="0xx"),
+        pytest.param("4XX", "write the status class '4XX' as 4xx", id="upper-case"),
+        pytest.param("4xxx", "expected a status code like 503 or a class like 5xx", id="4xxx"),
+        pytest.param("'404'", "expected a status code like 503 or a class like 5xx", id="quoted"),
+        pytest.param("99", "99 is not an HTTP status (100 to 599)", id="99"),
+        pytest.param("true", "expected a status code", id="boolean"),
+    ],
+)
+def test_release_status_entries_are_codes_or_classes(entry: str, fragment: str) -> None:
+    problem = only_problem(
+        f"""
+        routes:
+          - match: {{path: /a}}
+            release_statuses:
+              - 503
+              - {entry}
+        """
+    )
+    assert problem.path == "routes[0].release_statuses[1]"
+    assert problem.line == 5
+    assert fragment in problem.message
+
+
+# --- fingerprint.ignore (SPEC section 3) ----------------------------------------------------
+
+
+def test_fingerprint_ignore_is_resolved_into_reference_tokens() -> None:
+    cfg = config(
+        """
+        defaults:
+          fingerprint:
+            ignore: [/sent_at, /meta/nonce, "/a~1b/~0c", /items/0]
+        routes:
+          - match: {path: /a}
+          - match: {path: /b}
+            fingerprint: {ignore: []}
+          - match: {path: /c}
+            fingerprint: {headers: [X-Tenant]}
+        """
+    )
+    inherits, cleared, merged = cfg.routes
+    expected = (("sent_at",), ("meta", "nonce"), ("a/b", "~c"), ("items", "0"))
+    assert inherits.fingerprint.ignore == expected
+    assert cleared.fingerprint.ignore == ()
+    assert merged.fingerprint.ignore == expected  # the block merges field by field
+    assert merged.fingerprint.headers == ("x-tenant",)
+
+
+@pytest.mark.parametrize(
+    ("pointer", "fragment"),
+    [
+        pytest.param("sent_at", "is not a JSON pointer (RFC 6901)", id="no-leading-slash"),
+        pytest.param("/a~2", "is not a JSON pointer (RFC 6901)", id="bad-escape"),
+        pytest.param("/a~", "is not a JSON pointer (RFC 6901)", id="dangling-tilde"),
+        pytest.param("''", "the empty pointer is the whole body", id="whole-body"),
+        pytest.param("5", "expected a JSON pointer like /sent_at, got 5", id="number"),
+    ],
+)
+def test_fingerprint_ignore_entries_must_be_json_pointers(pointer: str, fragment: str) -> None:
+    problem = only_problem(
+        f"""
+        defaults:
+          fingerprint:
+            ignore:
+              - /sent_at
+              - {pointer}
+        """
+    )
+    assert problem.path == "defaults.fingerprint.ignore[1]"
+    assert problem.line == 5
+    assert fragment in problem.message
+
+
+@pytest.mark.parametrize(
+    ("fingerprint", "fragment"),
+    [
+        pytest.param(
+            "{ignore: [/sent_at], json_canonical: false}", "json_canonical: true", id="raw"
+        ),
+        pytest.param("{ignore: [/sent_at], include: [method, path]}", "body in", id="no-body"),
+    ],
+)
+def test_fingerprint_ignore_that_would_do_nothing_is_an_error(
+    fingerprint: str, fragment: str
+) -> None:
+    problem = only_problem(
+        f"""
+        routes:
+          - match: {{path: /a}}
+            fingerprint: {fingerprint}
+        """
+    )
+    assert problem.path == "routes[0].fingerprint.ignore"
+    assert problem.line == 3
+    assert fragment in problem.message

@@ -307,10 +307,12 @@ def test_after_failure(
 
 # --- the catalogue ---------------------------------------------------------------------------
 
-ADMIN_PROBLEMS = ("unauthorized", "key_not_found", "keys_api_disabled")
+# The admin listener's answers are not proxied requests; internal_error's request was counted
+# by the handler that failed.
+UNCOUNTED = ("unauthorized", "key_not_found", "keys_api_disabled", "internal_error")
 
 
-@pytest.mark.parametrize("code", [c for c in PROBLEMS if c not in ADMIN_PROBLEMS])
+@pytest.mark.parametrize("code", [c for c in PROBLEMS if c not in UNCOUNTED])
 def test_every_request_problem_counts_as_an_outcome(code: str) -> None:
     assert PROBLEMS[code].outcome is not None
 

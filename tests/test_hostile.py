@@ -209,8 +209,8 @@ class Reply:
     @property
     def code(self) -> str | None:
         """The ``code`` of a problem+json the proxy made, else None."""
-        if self.header("Content-Type") != "application/problem+json":
-            return None
+        if self.header("Content-Type") != "application/problem+json" or not self.body:
+            return None  # not a problem, or the answer to a HEAD (read without its body)
         return str(json.loads(self.body)["code"])
 
     @property

@@ -15,11 +15,14 @@ import pytest
 import yaml
 
 from idemproxy import config
-from idemproxy.config import ConfigError, load_text
+from idemproxy.config import ConfigError, load_text, parse_json_pointer, parse_status
 from idemproxy.schema import (
     DESCRIPTIONS,
     PATTERNS,
     SCHEMA_FILE,
+    SPELLINGS,
+    YAML11_BOOLEANS,
+    YAML11_INTEGER,
     policy_schema,
     schema_text,
     yaml_name,
@@ -71,7 +74,8 @@ def test_every_model_field_is_in_the_schema() -> None:
         expected = {yaml_name(spec) for spec in dataclasses.fields(cls)}
         assert set(node["properties"]) == expected, cls.__name__
         assert node["additionalProperties"] is False, cls.__name__
-    assert set(SCHEMA["$defs"]) == {cls.__name__ for cls in MODEL} - {"PolicyDocument"}
+    models = {cls.__name__ for cls in MODEL} - {"PolicyDocument"}
+    assert set(SCHEMA["$defs"]) == models | set(SPELLINGS)
     assert "from" in SCHEMA["$defs"]["KeyFile"]["properties"]  # the YAML name, not from_
 
 
@@ -106,6 +110,25 @@ ACCEPTED = {
         """,
     "size-in-bytes": "defaults: {max_request_body: 2048, max_stored_response: 512 KiB}\n",
     "empty-values": "admin:\ndefaults:\n  key:\n  ttl:\n",
+    # ${VAR} references in fields that are not plain strings: expanded, then typed.
+    "env-host-port": "admin: {listen: '${ADMIN_LISTEN:-127.0.0.1:9901}'}\n",
+    "env-typed": """
+        upstream:
+          timeout: ${TIMEOUT:-60s}
+          max_connections: ${CONNS:-256}
+        store:
+          on_error: ${ON_ERROR:-fail_closed}
+        defaults:
+          key:
+            required: ${KEY_REQUIRED:-true}
+          max_request_body: ${MAX_BODY:-1MiB}
+          release_statuses:
+            - ${RELEASE:-503}
+            - 4xx
+        """,
+    "yaml-1.1-spellings": "defaults: {key: {required: yes}}\nlimits: {max_in_flight: 1_000}\n",
+    "status-classes": "defaults: {release_statuses: [4xx, 503]}\n",
+    "fingerprint-ignore": "defaults: {fingerprint: {ignore: [/sent_at, /meta/nonce, /a~1b/0]}}\n",
 }
 
 
@@ -135,6 +158,28 @@ REJECTED = {
     "boolean-for-integer": ("version: true", ["version"]),
     "mapping-for-list": ("routes: {match: {path: /a}}", ["routes"]),
     "number-for-host-port": ("listen: 8080", ["listen"]),
+    "status-class-6xx": (
+        "defaults: {release_statuses: [6xx]}",
+        ["defaults", "release_statuses", 0],
+    ),
+    "status-700": ("defaults: {release_statuses: [503, 700]}", ["defaults", "release_statuses", 1]),
+    "status-class-upper-case": (
+        "defaults: {release_statuses: [4XX]}",
+        ["defaults", "release_statuses", 0],
+    ),
+    "ignore-not-a-pointer": (
+        "defaults: {fingerprint: {ignore: [sent_at]}}",
+        ["defaults", "fingerprint", "ignore", 0],
+    ),
+    "ignore-bad-escape": (
+        "defaults: {fingerprint: {ignore: [/a~2]}}",
+        ["defaults", "fingerprint", "ignore", 0],
+    ),
+    "ignore-whole-body": (
+        "defaults: {fingerprint: {ignore: ['']}}",
+        ["defaults", "fingerprint", "ignore", 0],
+    ),
+    "boolean-word": ("defaults: {key: {required: maybe}}", ["defaults", "key", "required"]),
 }
 
 
@@ -157,6 +202,11 @@ SAMPLES = {
     "duration": (parse_duration, ["250ms", "30s", "1.5m", "24h", "7d", "30", "30 s", "1e3s", "5w"]),
     "size": (parse_size, ["512KiB", "1MiB", "2048", "10 B", "1MB", "-1", "1.5MiB", "KiB"]),
     "host:port": (parse_host_port, ["127.0.0.1:8080", ":8080", "[::1]:80", "8080", "h:", "h:x"]),
+    "status": (parse_status, ["4xx", "1xx", "5xx", "6xx", "0xx", "4XX", "404", "4xx ", "xx"]),
+    "json-pointer": (
+        parse_json_pointer,
+        ["/a", "/a/b", "/", "//", "/a~0b", "/a~1b", "/0", "", "a", "/a~", "/a~2", "~1"],
+    ),
 }
 
 
@@ -171,3 +221,23 @@ def test_schema_command_prints_the_shipped_schema() -> None:
     result = run_cli("schema")
     assert result.returncode == 0
     assert result.stdout == SCHEMA_FILE.read_text(encoding="utf-8")
+
+
+def test_yaml11_spellings_are_what_the_loader_reads_as_booleans_and_integers() -> None:
+    for word in YAML11_BOOLEANS:
+        assert isinstance(yaml.safe_load(f"v: {word}")["v"], bool), word
+    for text in ["1_000", "0b101", "017", "0x1F", "1:30", "-5", "0", "+12", "1__"]:
+        assert re.search(YAML11_INTEGER, text), text
+        assert isinstance(yaml.safe_load(f"v: {text}")["v"], int), text
+    for text in ["1.5", "1e3", "0o17", "ten", "_1", "1:60"]:
+        assert not re.search(YAML11_INTEGER, text), text
+        assert not isinstance(yaml.safe_load(f"v: {text}")["v"], int), text
+
+
+def test_yaml12_readings_of_the_loaders_spellings_validate() -> None:
+    """What a YAML 1.2 tool makes of YAML 1.1 booleans and integers: strings."""
+    route = {"match": {"path": "/internal/**"}, "idempotency": "off"}
+    document = {"routes": [route], "defaults": {"key": {"required": "yes"}, "ttl": None}}
+    document["limits"] = {"max_in_flight": "1_000", "memory_store_max_keys": "0x10"}
+    assert error_path(document) is None
+    assert error_path({"routes": [{**route, "idempotency": "of"}]}) == ["routes", 0, "idempotency"]
