@@ -285,12 +285,14 @@ async def wait_for(what: str, check: Callable[[], Awaitable[bool]], *processes: 
 
 
 def proxy_policy(
-    upstream: str, listen: int, admin: int, store: str, prefix: str, on_error: str
+    upstream: str, listen: int, admin: int, store: str, prefix: str, on_error: str, token: str
 ) -> str:
+    """With an admin token set, as in the Compose profile: Prometheus scrapes /metrics without
+    it (the token guards only the keys API)."""
     return f"""
 version: 1
 listen: {HOST}:{listen}
-admin: {{listen: "{HOST}:{admin}"}}
+admin: {{listen: "{HOST}:{admin}", token: "{token}"}}
 upstream: {{url: "{upstream}"}}
 store: {{url: "{store}", key_prefix: "{prefix}", on_error: {on_error}}}
 routes:
@@ -326,7 +328,10 @@ async def stack(
         for role, (listen, admin) in ports.items():
             store, on_error = stores[role]
             policy = tmp_path / f"{role}.yaml"
-            policy.write_text(proxy_policy(upstream.url, listen, admin, store, prefix, on_error))
+            token = uuid.uuid4().hex
+            policy.write_text(
+                proxy_policy(upstream.url, listen, admin, store, prefix, on_error, token)
+            )
             argv = [sys.executable, "-m", "idemproxy", "run", "-c", str(policy)]
             proxies.append(start(role, argv, tmp_path, exits))
         targets = {role: f"{HOST}:{admin}" for role, (_, admin) in ports.items()}
