@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -374,12 +375,9 @@ async def stack(
                     return response.status == 200
 
             for role in ("healthy", "fail_open"):
-                await wait_for(
-                    f"{role} proxy healthy",
-                    lambda role=role: answers(f"http://{targets[role]}/healthz"),  # type: ignore[misc]
-                    *processes,
-                )
-            await wait_for("prometheus ready", lambda: answers(f"{base}/-/ready"), *processes)
+                healthz = f"http://{targets[role]}/healthz"
+                await wait_for(f"{role} proxy healthy", partial(answers, healthz), *processes)
+            await wait_for("prometheus ready", partial(answers, f"{base}/-/ready"), *processes)
         yield Stack(
             prometheus=base,
             healthy=f"http://{HOST}:{ports['healthy'][0]}",
@@ -510,25 +508,34 @@ async def test_every_dashboard_and_rule_expression_returns_data_on_a_real_promet
 
         # Every expression, and every selector in it.
         rule_results = {}
-        checked = empty = 0
+        empty: list[str] = []
+        checked_selectors: set[str] = set()
         for title, expr in expressions:
             result = await api.query(expr)
-            checked += 1
             waiting = metric_names(expr) & absent
             if title in EXPECTED_EMPTY or waiting:
                 reason = EXPECTED_EMPTY.get(title) or f"waits for {sorted(waiting)}"
                 assert result == [], f"{title}: expected empty ({reason}), got {result}"
-                empty += 1
+                empty.append(f"{title} ({reason})")
             else:
                 assert result, f"{title}: no data for {expr}"
                 values = [float(sample["value"][1]) for sample in result]
                 assert any(math.isfinite(v) for v in values), f"{title}: {values} for {expr}"
             if title in {rule["alert"] for rule in rules()}:
                 rule_results[title] = result
-            for selector in selectors(expr):
+            # An empty or thresholded expression proves little: each selector in it must have
+            # data, so a misspelt metric, label or value cannot hide behind an empty result.
+            for selector in selectors(expr) - checked_selectors:
                 if metric_names(selector) & absent:
                     continue
-                assert await api.query(selector), f"{title}: no data for {selector}"
+                tolerated = metric_names(selector) & set(NOT_YET_EXPORTED)
+                assert await api.query(selector), f"{title}: no data for {selector}" + (
+                    f"; {sorted(tolerated)} is exported now: make the traffic produce it, "
+                    "or list what stays empty in EXPECTED_EMPTY"
+                    if tolerated
+                    else ""
+                )
+                checked_selectors.add(selector)
 
         # What the alerts see in this traffic, exactly.
         def instances(alert: str) -> set[str]:
@@ -560,7 +567,8 @@ async def test_every_dashboard_and_rule_expression_returns_data_on_a_real_promet
 
         await wait_for("alerts pending", evaluated, *stack.processes)
     print(
-        f"{checked} expressions checked ({len(dashboard_targets())} dashboard queries, "
-        f"{len(rules())} alert rules), {empty} legitimately empty; traffic and scrapes "
+        f"{len(expressions)} expressions checked ({len(dashboard_targets())} dashboard queries, "
+        f"{len(rules())} alert rules), {len(checked_selectors)} distinct selectors in them; "
+        f"empty as expected: {'; '.join(empty)}; traffic and scrapes "
         f"{traffic_done - started:.1f} s, all {time.monotonic() - started:.1f} s"
     )
