@@ -178,6 +178,31 @@ def test_dashboard_model_is_consistent() -> None:
         assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
 
 
+def test_dashboard_queries_follow_the_grafana_dashboard_linter_conventions() -> None:
+    """Those of grafana/dashboard-linter: job and instance variables (multi-select, all = .+)
+    that every query filters on, rate windows of $__rate_interval, counters only under rate(),
+    buckets only under histogram_quantile()."""
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    for name in ("job", "instance"):
+        variable = variables[name]
+        assert variable["type"] == "query", name
+        assert variable["label"] == name.title(), name
+        assert variable["datasource"]["uid"] == "${datasource}", name
+        assert variable["multi"] is True, name
+        assert variable["allValue"] == ".+", name
+        assert variable["refresh"] == 2, name  # on time range change
+    for title, expr in dashboard_targets():
+        for selector in selectors(expr):
+            assert 'job=~"$job"' in selector, (title, selector)
+            assert 'instance=~"$instance"' in selector, (title, selector)
+        windows = set(re.findall(r"\[([^\]]+)\]", expr))
+        assert windows <= {"$__rate_interval"}, (title, windows)
+        for counter in re.finditer(r"\w+_total\{", expr):
+            assert expr[: counter.start()].endswith("rate("), (title, expr)
+        for bucket in re.finditer(r"\w+_bucket\{", expr):
+            assert "histogram_quantile(" in expr[: bucket.start()], (title, expr)
+
+
 def test_dashboard_covers_what_operators_look_for() -> None:
     """Issue 16: requests by outcome and route, replay ratio, conflicts and mismatches, store
     and upstream latency quantiles, locks in flight, store errors, unreplicated completions,
