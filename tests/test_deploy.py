@@ -554,6 +554,8 @@ def test_compose_observability_services_are_only_in_their_profile() -> None:
         assert services[name]["profiles"] == [PROFILE]
         # Pinned to a release, never `latest` or a moving major tag.
         assert _PINNED_TAG.fullmatch(services[name]["image"]), services[name]["image"]
+        assert services[name]["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in services[name]["security_opt"], name
         # Published on this machine's loopback only.
         for port in services[name]["ports"]:
             assert str(port).startswith("127.0.0.1:"), (name, port)
