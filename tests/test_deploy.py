@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -511,6 +512,178 @@ def test_compose_environment_makes_a_valid_redis_policy(shell: dict[str, str]) -
     policy = expand(POLICY.read_text(), env)
     assert is_loopback(parse_host_port(policy["admin"]["listen"])[0])
     assert policy["admin"]["token"] == shell.get("IDEMPROXY_ADMIN_TOKEN")  # YAML: empty is null
+
+
+# --- docker-compose.yml: the observability profile ---------------------------------------------
+
+OBSERVABILITY = ROOT / "deploy" / "observability"
+PROFILE = "observability"
+PROFILE_SHELL = {
+    "IDEMPROXY_ADMIN_LISTEN": f"0.0.0.0:{ADMIN_PORT}",
+    "IDEMPROXY_ADMIN_TOKEN": "s3cr3t",
+}
+_PINNED_TAG = re.compile(r"[^:\s]+:v?\d+\.\d+\.\d+")
+
+
+def mounts_of(name: str) -> dict[str, tuple[Path, str]]:
+    """A service's bind mounts: container path -> (path in this repository, mode)."""
+    found = {}
+    for volume in service(name).get("volumes", []):
+        source, target, mode = as_mount(volume)
+        if source.startswith("./"):
+            found[target] = ((ROOT / source).resolve(), mode)
+    return found
+
+
+def in_container(name: str, path: str) -> Path:
+    """The repository file a service sees at ``path``, through its read-only bind mounts."""
+    for target, (source, mode) in mounts_of(name).items():
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            assert mode == "ro", (name, target)
+            found = source / path[len(target) :].lstrip("/")
+            assert found.exists(), (name, path, found)
+            return found
+    raise AssertionError(f"{name} sees nothing at {path}")
+
+
+def test_compose_observability_services_are_only_in_their_profile() -> None:
+    services = compose()["services"]
+    profiled = {name for name, svc in services.items() if svc.get("profiles")}
+    assert profiled == {"prometheus", "grafana"}, profiled
+    for name in profiled:
+        assert services[name]["profiles"] == [PROFILE]
+        # Pinned to a release, never `latest` or a moving major tag.
+        assert _PINNED_TAG.fullmatch(services[name]["image"]), services[name]["image"]
+        assert services[name]["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in services[name]["security_opt"], name
+        # Published on this machine's loopback only.
+        for port in services[name]["ports"]:
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    for svc in services.values():
+        if "image" in svc:
+            assert ":" in svc["image"], svc["image"]
+            assert not svc["image"].endswith(":latest"), svc["image"]
+    # The default stack does not depend on the profile's services.
+    for name in set(services) - profiled:
+        assert not set(services[name].get("depends_on") or {}) & profiled, name
+
+
+def test_compose_prometheus_scrapes_the_admin_listener_and_loads_the_alerts() -> None:
+    prometheus = service("prometheus")
+    flags = dict(arg.partition("=")[::2] for arg in as_argv(prometheus["command"]))
+    config_file = in_container("prometheus", flags["--config.file"])
+    assert config_file == (OBSERVABILITY / "prometheus" / "prometheus.yml").resolve()
+    assert flags["--storage.tsdb.path"] in {
+        as_mount(v)[1] for v in prometheus["volumes"] if not as_mount(v)[0].startswith(".")
+    }, "the TSDB lives in a named volume"
+    config = yaml.safe_load(config_file.read_text())
+    for rule_file in config["rule_files"]:  # relative to the config file, as Prometheus reads it
+        container_path = str(Path(flags["--config.file"]).parent / rule_file)
+        assert (
+            in_container("prometheus", container_path)
+            == (OBSERVABILITY / "prometheus" / "alerts.yml").resolve()
+        )
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "idemproxy"]
+    # The alerts' IdemproxyTargetDown selects job="idemproxy".
+    assert 'up{job="idemproxy"}' in (OBSERVABILITY / "prometheus" / "alerts.yml").read_text()
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job.get("scheme", "http") == "http"
+    # /metrics needs no credentials; the admin token (it can delete keys) is not handed out.
+    assert not {"authorization", "basic_auth", "oauth2"} & set(job), job
+    (target,) = [t for static in job["static_configs"] for t in static["targets"]]
+    host, port = parse_host_port(target)
+    assert host == "idemproxy", target
+    assert host in compose()["services"], target
+    # ... on the admin port of the policy as the profile's shell variables make it.
+    policy = expand(POLICY.read_text(), compose_env(service("idemproxy"), PROFILE_SHELL))
+    admin_host, admin_port = parse_host_port(policy["admin"]["listen"])
+    assert port == admin_port == ADMIN_PORT
+    assert not is_loopback(admin_host), "Prometheus could not reach a loopback listener"
+    assert "idemproxy" in (prometheus.get("depends_on") or {})
+
+
+def test_compose_grafana_provisions_the_datasource_and_the_dashboard() -> None:
+    grafana = service("grafana")
+    datasources_dir = in_container("grafana", "/etc/grafana/provisioning/datasources")
+    (datasource,) = yaml.safe_load((datasources_dir / "prometheus.yml").read_text())["datasources"]
+    assert datasource["type"] == "prometheus"
+    assert datasource["isDefault"] is True
+    url = urlsplit(datasource["url"])
+    assert url.hostname == "prometheus"
+    assert url.hostname in compose()["services"]
+    flags = dict(arg.partition("=")[::2] for arg in as_argv(service("prometheus")["command"]))
+    assert url.port == parse_host_port(flags.get("--web.listen-address", "0.0.0.0:9090"))[1]
+    scrape = yaml.safe_load((OBSERVABILITY / "prometheus" / "prometheus.yml").read_text())
+    assert datasource["jsonData"]["timeInterval"] == scrape["global"]["scrape_interval"]
+
+    providers_dir = in_container("grafana", "/etc/grafana/provisioning/dashboards")
+    (provider,) = yaml.safe_load((providers_dir / "idemproxy.yml").read_text())["providers"]
+    dashboards = in_container("grafana", provider["options"]["path"])
+    assert dashboards == (OBSERVABILITY / "grafana" / "dashboards").resolve()
+    model = json.loads((dashboards / "idemproxy.json").read_text())
+    home = compose_env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert json.loads(in_container("grafana", home).read_text())["uid"] == model["uid"]
+    # The dashboard's panels ask the data source its variable picks: the provisioned default.
+    (variable,) = [v for v in model["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["query"] == datasource["type"]
+    assert "prometheus" in (grafana.get("depends_on") or {})
+
+
+def test_compose_profile_environment_opens_the_admin_listener_only_with_a_token() -> None:
+    env = compose_env(service("idemproxy"), PROFILE_SHELL)
+    result = run_cli("check", "-c", str(POLICY), env=env)
+    assert result.returncode == 0, result.stderr
+    without_token = compose_env(service("idemproxy"), {"IDEMPROXY_ADMIN_LISTEN": "0.0.0.0:9901"})
+    result = run_cli("check", "-c", str(POLICY), env=without_token)
+    assert result.returncode == 1, result.stdout
+    assert "admin.token" in result.stderr, result.stderr
+
+
+def compose_command() -> list[str] | None:
+    """``docker compose`` (v2) when the plugin answers, else ``docker-compose``, else None."""
+    docker = shutil.which("docker")
+    if docker is not None:
+        probe = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, timeout=30, check=False
+        )
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+@pytest.mark.parametrize(
+    ("profile", "shell"),
+    [(None, {}), (PROFILE, PROFILE_SHELL)],
+    ids=["default", "observability"],
+)
+def test_compose_config_validates(
+    profile: str | None, shell: dict[str, str], tmp_path: Path
+) -> None:
+    """``docker compose config`` parses, interpolates and validates the file (no engine needed)."""
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor docker-compose is installed")
+    env_file = tmp_path / "empty.env"  # a developer's .env must not decide the test
+    env_file.write_text("")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    environ = {k: v for k, v in environ.items() if k not in POLICY_ENV} | shell
+    argv = [*command, "--project-directory", str(ROOT), "-f", str(COMPOSE)]
+    argv += ["--env-file", str(env_file)]
+    if profile:
+        argv += ["--profile", profile]
+    result = subprocess.run(
+        [*argv, "config"], capture_output=True, text=True, timeout=60, env=environ, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)["services"]
+    assert {"redis", "upstream", "idemproxy"} <= set(resolved)
+    admin = resolved["idemproxy"]["environment"]["IDEMPROXY_ADMIN_LISTEN"]
+    assert admin == shell.get("IDEMPROXY_ADMIN_LISTEN", f"127.0.0.1:{ADMIN_PORT}")
+    if profile:
+        assert {"prometheus", "grafana"} <= set(resolved)
+        for name in ("prometheus", "grafana"):
+            assert resolved[name]["profiles"] == [profile]
 
 
 # --- deploy/kubernetes -----------------------------------------------------------------------
