@@ -38,8 +38,10 @@ from pathlib import Path
 
 import brotlicffi
 import httpx
+import hypothesis
 import pytest
 import requests
+import schemathesis
 
 from tests.conftest import HOST, RedisProcess
 from tests.httpbin_upstream import (
@@ -672,6 +674,72 @@ def test_an_http10_request_without_host_reaches_httpbin_without_host(
     proxied = exchange(proxy.port, data)
     assert b'"Host"' not in direct.body
     assert_same_answer(direct, proxied)
+
+
+# --- schemathesis over httpbin's own API description -----------------------------------------
+
+# Not generated: /delay and /drip wait as long as the generated numbers say; /redirect-to sends
+# the client to any URL it is given (redirects are not followed here either way).
+SCHEMA_SKIPPED = ("/delay/", "/drip", "/redirect-to")
+
+
+def schema_failures(case: schemathesis.Case, response: schemathesis.Response) -> list[str]:
+    """The names of schemathesis' default checks this response fails, sorted."""
+    try:
+        case.validate_response(response)
+    except BaseException as error:  # a FailureGroup, or one failure
+        failures = getattr(error, "exceptions", [error])
+        return sorted({f"{type(f).__name__}: {getattr(f, 'title', f)}" for f in failures})
+    return []
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_the_same_failures_direct_and_through_the_proxy(
+    httpbin: HttpbinProcess, proxy: ProxyProcess
+) -> None:
+    """httpbin's Swagger document (/spec.json, served with flasgger) drives schemathesis: each
+    generated request goes direct and through the proxy, with an Idempotency-Key on unsafe
+    methods (keyed routes answer, then replay); status and failed checks must agree."""
+    schema = schemathesis.openapi.from_url(f"{httpbin.url}/spec.json")
+    proxy_url = f"http://{HOST}:{proxy.port}"
+    generated, replays, unusable = [], [], []
+
+    def compare(case: schemathesis.Case) -> None:
+        headers = {"Host": VIRTUAL_HOST}
+        if case.method.upper() in ("POST", "PUT", "PATCH", "DELETE"):
+            headers["Idempotency-Key"] = f"schema-{uuid.uuid4().hex}"
+        direct, proxied, again = (
+            case.call(base_url=url, headers=headers, allow_redirects=False, timeout=15)
+            for url in (httpbin.url, proxy_url, proxy_url)
+        )
+        label = f"{case.method} {case.formatted_path} {case.query}"
+        generated.append(label)
+        assert proxied.status_code == direct.status_code, label
+        assert schema_failures(case, proxied) == schema_failures(case, direct), label
+        if "idempotent-replayed" in again.headers:
+            replays.append(label)
+            assert (again.status_code, again.content) == (proxied.status_code, proxied.content)
+
+    settings = hypothesis.settings(
+        max_examples=3,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[hypothesis.Phase.generate],
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.path.startswith(SCHEMA_SKIPPED):
+            continue
+        test = settings(hypothesis.given(case=operation.as_strategy())(compare))
+        try:
+            test()
+        except schemathesis.errors.InvalidSchema:
+            unusable.append(f"{operation.method} {operation.path}")  # httpbin's "type": "int"
+    assert len(generated) > 50
+    assert replays
+    assert len(unusable) < 10, unusable
 
 
 def test_the_proxy_logged_nothing_but_info_lines_for_all_of_the_above(proxy: ProxyProcess) -> None:
