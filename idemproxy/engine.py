@@ -154,7 +154,15 @@ def after_failure(route: RoutePolicy, failure: UpstreamFailure) -> tuple[Refuse,
     return refusal, "release" if failure.kind == "connect" else route.ambiguous
 
 
+_FAILURE_DETAIL = {
+    "connect": "the upstream could not be reached",
+    "timeout": "the upstream did not answer in time",
+    "broken": "the upstream's answer was malformed or broke off",
+}
+
+
 def on_passthrough_failure(failure: UpstreamFailure) -> Refuse:
-    """No upstream answer: 504 when it went silent, 502 when it refused or broke off."""
+    """No upstream answer: 504 when it went silent, 502 when it refused or broke off. The
+    detail says which, and no more: what exactly failed is for the log, not the client."""
     code = "upstream_timeout" if failure.kind == "timeout" else "upstream_unavailable"
-    return Refuse(code, f"upstream: {failure}")
+    return Refuse(code, _FAILURE_DETAIL[failure.kind])

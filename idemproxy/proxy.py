@@ -238,7 +238,8 @@ class KeyedProxy:
         try:
             status, etag = await self.upstream.current_etag(request)
         except UpstreamFailure as failure:
-            raise ProblemError("upstream_unavailable", f"upstream: {failure}") from failure
+            event("upstream failure", logging.WARNING, kind=failure.kind, error=str(failure))
+            raise engine.on_passthrough_failure(failure).error() from failure
         _refuse_if(engine.on_current_etag(if_match, status, etag))
 
     async def _read_body(self, request: web.BaseRequest, route: RoutePolicy) -> bytes:

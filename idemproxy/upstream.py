@@ -134,21 +134,30 @@ class _ClientResponseRest:
             async for chunk in self._response.content.iter_any():
                 yield chunk
         except TimeoutError as exc:
-            raise UpstreamFailure("timeout", str(exc) or "the upstream went silent") from exc
+            raise UpstreamFailure("timeout", "the upstream went silent mid-answer") from exc
         except aiohttp.ClientPayloadError as exc:
-            raise UpstreamFailure("broken", str(exc) or type(exc).__name__) from exc
+            raise UpstreamFailure("broken", describe(exc)) from exc
 
     def close(self) -> None:
         self._response.release()
 
 
+def describe(exc: BaseException) -> str:
+    """An aiohttp client error for a log line: its kind and the OS's reason, never its message,
+    which quotes the upstream URL with its query and the offending bytes of the answer."""
+    os_error = getattr(exc, "os_error", None)  # ClientConnectorError's cause
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return f"{type(exc).__name__}: {os_error.strerror}"
+    return type(exc).__name__
+
+
 def _client_failure(exc: TimeoutError | aiohttp.ClientError) -> UpstreamFailure:
     """An aiohttp client error before any answer, as an ``UpstreamFailure``."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError):
-        return UpstreamFailure("connect", str(exc))
+        return UpstreamFailure("connect", describe(exc))
     if isinstance(exc, TimeoutError):
-        return UpstreamFailure("timeout", str(exc) or "the upstream did not answer in time")
-    return UpstreamFailure("broken", str(exc) or type(exc).__name__)
+        return UpstreamFailure("timeout", "the upstream did not answer in time")
+    return UpstreamFailure("broken", describe(exc))
 
 
 class Upstream:
@@ -239,7 +248,9 @@ class Upstream:
                 await response.read()
                 return response.status, response.headers.get(hdrs.ETAG)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamFailure("connect", f"the GET for the ETag failed: {exc}") from exc
+            raise UpstreamFailure(
+                "connect", f"the GET for the ETag failed: {describe(exc)}"
+            ) from exc
 
     async def stream(self, request: web.BaseRequest, body: bytes | None = None) -> Exchange:
         """Pass a request through; the answer is handed over at its head, its body still to
@@ -292,4 +303,4 @@ class Upstream:
                 autoping=False,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamFailure("connect", f"websocket: {exc}") from exc
+            raise UpstreamFailure("connect", f"websocket: {describe(exc)}") from exc

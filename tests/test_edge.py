@@ -324,7 +324,7 @@ async def _serve_named_answer(reader: asyncio.StreamReader, writer: asyncio.Stre
                 await reader.readuntil(b"\r\n")
             else:
                 await reader.readexactly(length)
-            name = lines[0].split(b" ")[1].rsplit(b"/", 1)[-1].decode()
+            name = lines[0].split(b" ")[1].split(b"?")[0].rsplit(b"/", 1)[-1].decode()
             writer.write(ANSWERS[name])
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -419,6 +419,25 @@ async def test_an_answer_no_path_can_frame_is_a_502_on_every_path_and_says_why(
     failures = [r for r in caplog.records if r.getMessage() == "upstream failure"]
     assert len(failures) == 1
     assert failures[0].fields["error"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+async def test_a_502_says_why_in_the_log_and_leaks_nothing_to_the_client(
+    raw_proxy: RunningProxy,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """aiohttp's parser errors quote the URL (query included) and the offending bytes."""
+    caplog.set_level(logging.INFO, logger="idemproxy")
+    status, _, _, body = await _through(http, raw_proxy, path, "257-fields?token=s3cr3t")
+    assert status == 502
+    assert json.loads(body)["detail"] == "the upstream's answer was malformed or broke off"
+    upstream_port = str(raw_proxy.server.config.upstream.url.rsplit(":", 1)[1])
+    assert upstream_port.encode() not in body
+    assert b"s3cr3t" not in body
+    logged = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
+    assert "s3cr3t" not in logged
 
 
 async def test_reason_phrase_is_kept_and_the_upstreams_replayed_header_is_not_doubled(
