@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -673,18 +673,40 @@ class _Resolver:
 
 
 def _store_url(url: str) -> str | None:
+    """What the stores would fail on in ``url`` at run time, or None.
+
+    ``check`` and ``run`` both load the policy through here, so a URL ``check`` passes never
+    stops ``run`` with a traceback: the database number is read with ``int()`` by the lean
+    client and the Sentinel path, and the query options by redis-py's own URL parser.
+    """
     parts = urlsplit(url)
-    if url == "memory://" or parts.scheme == "unix":
+    if url == "memory://":
         return None
-    if parts.scheme not in ("redis", "rediss"):
+    if parts.scheme not in ("redis", "rediss", "unix"):
         got = f"{parts.scheme}://" if parts.scheme else repr(redact(url))
         return f"expected memory://, redis://, rediss:// or unix://, got {got}"
+    if parts.scheme == "unix":
+        if not parts.path:
+            return f"no socket path in {redact(url)!r}: write unix:///path/to/redis.sock"
+    else:
+        try:
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            return f"invalid port in {redact(url)!r}"
+        if not parts.hostname:
+            return f"no host in {redact(url)!r}"
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            return f"the database in {redact(url)!r} must be a number, as in redis://HOST:6379/0"
+    from redis.asyncio.connection import parse_url  # redis-py: only store/ uses it at run time
+
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "db" and not value.isdigit():
+            return f"the database in {redact(url)!r} must be a number, as in ?db=0"
     try:
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        return f"invalid port in {redact(url)!r}"
-    if not parts.hostname:
-        return f"no host in {redact(url)!r}"
+        parse_url(url)
+    except ValueError as exc:
+        return f"{exc} ({redact(url)!r})"
     return None
 
 
