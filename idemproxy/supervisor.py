@@ -105,7 +105,7 @@ class Supervisor:
             daemon=False,
         )
         process.start()
-        theirs.close()  # the worker's copy is the only one left: it sees our end close
+        theirs.close()  # the worker has its own copy; ours would only leak
         event("worker started", worker=index, pid=process.pid)
         return process, mine
 

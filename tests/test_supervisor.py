@@ -264,3 +264,25 @@ async def test_workers_with_nothing_writable_exit_1_saying_what_to_mount(
     assert "writable directory" in error["message"]
     assert "TMPDIR" in error["message"]
     assert SHM in error["message"]
+
+
+async def test_sighup_is_forwarded_to_every_worker(
+    redis_server: RedisProcess,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    started: list[CliProcess],
+    tmp_path: Path,
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("routes:\n  - match: {path: /orders}\n")
+    listen, admin = free_port(), free_port()
+    args = run_args(upstream.url, redis_server.url, listen, admin)
+    proc = await CliProcess(*args, "-c", str(policy)).start()
+    started.append(proc)
+    await wait_status(http, proc, f"http://{HOST}:{admin}/healthz", 200)
+
+    policy.write_text("routes:\n  - match: {path: /orders}\n  - match: {path: /payments}\n")
+    os.kill(proc.pid, signal.SIGHUP)
+    await proc.wait_for(lambda: len(proc.messages("policy reloaded")) == 2, "two reloads")
+    assert all(e["routes"] == 2 for e in proc.messages("policy reloaded"))
+    assert await status(http, f"http://{HOST}:{admin}/healthz") == 200
