@@ -12,6 +12,7 @@ Loading happens in three steps, each collecting every problem instead of stoppin
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import types
@@ -680,33 +681,47 @@ def _store_url(url: str) -> str | None:
     client and the Sentinel path, and the query options by redis-py's own URL parser.
     """
     parts = urlsplit(url)
+    shown = repr(redact(url.partition("?")[0]))  # a query may hold ?password=
     if url == "memory://":
         return None
     if parts.scheme not in ("redis", "rediss", "unix"):
-        got = f"{parts.scheme}://" if parts.scheme else repr(redact(url))
+        got = f"{parts.scheme}://" if parts.scheme else shown
         return f"expected memory://, redis://, rediss:// or unix://, got {got}"
     if parts.scheme == "unix":
         if not parts.path:
-            return f"no socket path in {redact(url)!r}: write unix:///path/to/redis.sock"
+            return f"no socket path in {shown}: write unix:///path/to/redis.sock"
     else:
         try:
             parts.port  # noqa: B018 - parsing the port is the check
         except ValueError:
-            return f"invalid port in {redact(url)!r}"
+            return f"invalid port in {shown}"
         if not parts.hostname:
-            return f"no host in {redact(url)!r}"
+            return f"no host in {shown}"
         database = parts.path.strip("/")
         if database and not database.isdigit():
-            return f"the database in {redact(url)!r} must be a number, as in redis://HOST:6379/0"
-    from redis.asyncio.connection import parse_url  # redis-py: only store/ uses it at run time
+            return f"the database in {shown} must be a number, as in redis://HOST:6379/0"
+    # redis-py: store/ connects with it; here only its URL parser and its connection classes.
+    from redis.asyncio.connection import Connection, ConnectionPool, parse_url
 
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name == "db" and not value.isdigit():
-            return f"the database in {redact(url)!r} must be a number, as in ?db=0"
+            return f"?db= in {shown} must be a number, as in ?db=0"
     try:
-        parse_url(url)
+        options = parse_url(url)
     except ValueError as exc:
-        return f"{exc} ({redact(url)!r})"
+        return f"{exc} ({shown})"
+    # Every option becomes a keyword argument of the pool or its connection class; an unknown
+    # one is a TypeError at the first connection.
+    classes = (ConnectionPool, *options.get("connection_class", Connection).__mro__)
+    accepted = {
+        name
+        for cls in classes
+        if "__init__" in vars(cls)
+        for name in inspect.signature(vars(cls)["__init__"]).parameters
+    } - {"self", "kwargs", "connection_kwargs", "connection_class"}
+    unknown = sorted({name for name, _ in parse_qsl(parts.query)} - accepted)
+    if unknown:
+        return f"unknown option {unknown[0]!r} in {shown}"
     return None
 
 

@@ -116,6 +116,7 @@ BAD_STORE_URLS = [
     "redis://127.0.0.1:6390/x",
     "redis://127.0.0.1:6390/?db=x",
     "redis://user:hunter2@127.0.0.1:6390/0?socket_timeout=abc",
+    "redis://127.0.0.1:6390/0?password=hunter2&no_such_option=1",
     "unix://",
 ]
 
