@@ -144,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal is not None:
         print(f"idemproxy run: {refusal}", file=sys.stderr)
         return 1
-    from idemproxy.app import last_resort
+    # Imported here: check, keys and version start without the proxy, its stores and uvloop.
+    from idemproxy.app import last_resort, run_loop, serve
     from idemproxy.observability import setup_logging
 
     setup_logging(args.log_format)
@@ -152,8 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from idemproxy.supervisor import run_workers
 
         return last_resort(lambda: run_workers(config, path, flags, args.workers, args.log_format))
-    from idemproxy.app import run_loop, serve
-
     return last_resort(lambda: run_loop(serve(config, path, flags)))
 
 
