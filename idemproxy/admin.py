@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,12 +17,19 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from idemproxy.answers import problem_answer
+from idemproxy.config import StoreConfig
 from idemproxy.errors import ProblemError, StoreUnavailable
 from idemproxy.keys import store_key
+from idemproxy.observability import event
 from idemproxy.records import Record
 from idemproxy.store import Store
+from idemproxy.units import redact
 
 READY_TIMEOUT = 2.0
+
+
+def _one_process() -> tuple[int, int]:
+    return 1, 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,21 +38,63 @@ class AdminContext:
     exposition: Callable[[], bytes]  # the Prometheus text of this process, or of all workers
     key_prefix: str
     token: str
+    # (serving, expected) worker processes; the supervisor of --workers N counts its workers.
+    workers: Callable[[], tuple[int, int]] = _one_process
 
 
 ADMIN = web.AppKey("admin", AdminContext)
 
 
+async def store_problem(store: Store) -> str | None:
+    """Why the store does not answer a ping within ``READY_TIMEOUT``, or None when it does."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await store.ping()
+    except StoreUnavailable as exc:
+        return str(exc)
+    except TimeoutError:
+        return f"no answer within {READY_TIMEOUT:g} s"
+    return None
+
+
+async def probe_store(store: Store, config: StoreConfig) -> bool:
+    """Ask the store once at start (bounded by ``READY_TIMEOUT``); warn when it does not answer.
+
+    A wrong password or an unreachable Redis would otherwise show only at the first keyed
+    request. The start goes on: the store may come up later, and /readyz follows it.
+    """
+    problem = await store_problem(store)
+    if problem is not None:
+        event(
+            "the store does not answer: /readyz answers 503 until it does, and keyed requests "
+            + ("pass unprotected" if config.on_error == "fail_open" else "get 503"),
+            logging.WARNING,
+            store=redact(config.url),
+            error=problem,
+        )
+    return problem is None
+
+
+def _missing_workers(request: web.Request) -> web.Response | None:
+    serving, expected = request.app[ADMIN].workers()
+    if serving >= expected:
+        return None
+    body = {"status": "unavailable", "workers_serving": serving, "workers": expected}
+    return web.json_response(body, status=503)
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """200 while the process runs and, under a supervisor, every worker serves."""
+    return _missing_workers(request) or web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready only while the store answers, so traffic follows the store both ways."""
-    try:
-        async with asyncio.timeout(READY_TIMEOUT):
-            await request.app[ADMIN].store.ping()
-    except (StoreUnavailable, TimeoutError):
+    """Ready only while every worker serves and the store answers, so traffic follows the
+    store both ways."""
+    missing = _missing_workers(request)
+    if missing is not None:
+        return missing
+    if await store_problem(request.app[ADMIN].store) is not None:
         return web.json_response({"status": "unavailable", "store": "down"}, status=503)
     return web.json_response({"status": "ready"})
 

@@ -6,10 +6,13 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Callable, Coroutine
+from multiprocessing.connection import Connection
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from idemproxy.admin import AdminContext, create_admin_app
+from idemproxy.admin import AdminContext, create_admin_app, probe_store
 from idemproxy.config import Config, ConfigError, Overrides, load
 from idemproxy.observability import Metrics, event, flush_access_log
 from idemproxy.policy import Policy
@@ -19,6 +22,8 @@ from idemproxy.store import open_store
 from idemproxy.store.timed import TimedStore
 from idemproxy.units import redact
 from idemproxy.upstream import Upstream
+
+T = TypeVar("T")
 
 # Parts of a config that a reload cannot change in a running process.
 _NEEDS_RESTART = ("listen", "admin_listen", "admin_token", "upstream", "store", "shutdown_timeout")
@@ -80,12 +85,15 @@ class ProxyServer:
             await self._admin.setup()
             admin_host, admin_port = self.config.admin_listen
             await web.TCPSite(self._admin, admin_host, admin_port).start()
+        # Workers leave the probe to the supervisor: one warning, not one per process.
+        store_ready = None if self.worker else await probe_store(self.store, self.config.store)
         event(
             "idemproxy started" if not self.worker else "idemproxy worker started",
             listen="{}:{}".format(*self.address),
             admin="{}:{}".format(*self.admin_address) if not self.worker else None,
             upstream=self.config.upstream.url,
             store=redact(self.config.store.url),
+            store_ready=store_ready,
             routes=len(self.config.routes),
             keys_api=bool(self.config.admin_token),
         )
@@ -143,22 +151,80 @@ def _reload(server: ProxyServer, path: str | None, flags: Overrides) -> None:
 
 
 async def serve(
-    config: Config, path: str | None = None, flags: Overrides | None = None, worker: bool = False
-) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads ``path``."""
-    server = ProxyServer(config, worker=worker)
+    config: Config,
+    path: str | None = None,
+    flags: Overrides | None = None,
+    supervisor: Connection | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads ``path``.
+
+    ``supervisor``: this process is a worker of ``idemproxy run --workers N``; it says "serving"
+    on this connection once it listens, and stops gracefully when the connection ends (the
+    supervisor is gone, even by SIGKILL), so no worker outlives it holding the port.
+    Returns the exit code: 0, or 1 when the proxy cannot listen.
+    """
+    server = ProxyServer(config, worker=supervisor is not None)
     try:
         await server.start()
-    except OSError as exc:
-        await server.stop()
-        raise SystemExit(f"idemproxy: cannot listen: {exc}") from exc
+    except BaseException as exc:
+        await server.stop()  # what did start is closed, also on the way to last_resort
+        if not isinstance(exc, OSError):
+            raise
+        event(
+            "idemproxy cannot listen",
+            logging.ERROR,
+            listen="{}:{}".format(*config.listen),
+            admin="{}:{}".format(*config.admin_listen) if supervisor is None else None,
+            error=str(exc),
+        )
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, server, path, flags or Overrides())
+    if supervisor is not None:
+        supervisor.send_bytes(b"serving")
+        # The supervisor never writes, so the connection turns readable only at its end.
+        loop.add_reader(supervisor.fileno(), _supervisor_gone, stop)
     await stop.wait()
+    if supervisor is not None:
+        loop.remove_reader(supervisor.fileno())
     event("idemproxy shutting down", drain_seconds=config.shutdown_timeout)
     await server.stop()
     flush_access_log()
     event("idemproxy stopped")
+    return 0
+
+
+def _supervisor_gone(stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        event("the supervisor is gone; this worker stops", logging.WARNING)
+        stop.set()
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed (not on Windows), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    result: T = uvloop.run(main)
+    return result
+
+
+def last_resort(run: Callable[[], int]) -> int:
+    """Run ``run``; an exception nothing expected becomes one log line and exit code 1.
+
+    With ``--log-format json`` that line is JSON too (the traceback in its ``error`` field), so a
+    log pipeline never sees a bare multi-line traceback.
+    """
+    try:
+        return run()
+    except Exception as exc:
+        # The JSON line's ``error`` becomes the whole traceback; a text line keeps this summary.
+        fields = {"error": f"{type(exc).__name__}: {exc}"}
+        logging.getLogger("idemproxy").critical(
+            "idemproxy crashed", exc_info=True, extra={"fields": fields}
+        )
+        return 1

@@ -12,13 +12,14 @@ Loading happens in three steps, each collecting every problem instead of stoppin
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -747,18 +748,54 @@ class _Resolver:
 
 
 def _store_url(url: str) -> str | None:
+    """What the stores would fail on in ``url`` at run time, or None.
+
+    ``check`` and ``run`` both load the policy through here, so a URL ``check`` passes never
+    stops ``run`` with a traceback: the database number is read with ``int()`` by the lean
+    client and the Sentinel path, and the query options by redis-py's own URL parser.
+    """
     parts = urlsplit(url)
-    if url == "memory://" or parts.scheme == "unix":
+    shown = repr(redact(url.partition("?")[0]))  # a query may hold ?password=
+    if url == "memory://":
         return None
-    if parts.scheme not in ("redis", "rediss"):
-        got = f"{parts.scheme}://" if parts.scheme else repr(redact(url))
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        got = f"{parts.scheme}://" if parts.scheme else shown
         return f"expected memory://, redis://, rediss:// or unix://, got {got}"
+    if parts.scheme == "unix":
+        if not parts.path:
+            return f"no socket path in {shown}: write unix:///path/to/redis.sock"
+    else:
+        try:
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            return f"invalid port in {shown}"
+        if not parts.hostname:
+            return f"no host in {shown}"
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            return f"the database in {shown} must be a number, as in redis://HOST:6379/0"
+    # redis-py: store/ connects with it; here only its URL parser and its connection classes.
+    from redis.asyncio.connection import Connection, ConnectionPool, parse_url
+
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "db" and not value.isdigit():
+            return f"?db= in {shown} must be a number, as in ?db=0"
     try:
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        return f"invalid port in {redact(url)!r}"
-    if not parts.hostname:
-        return f"no host in {redact(url)!r}"
+        options = parse_url(url)
+    except ValueError as exc:
+        return f"{exc} ({shown})"
+    # Every option becomes a keyword argument of the pool or its connection class; an unknown
+    # one is a TypeError at the first connection.
+    classes = (ConnectionPool, *options.get("connection_class", Connection).__mro__)
+    accepted = {
+        name
+        for cls in classes
+        if "__init__" in vars(cls)
+        for name in inspect.signature(vars(cls)["__init__"]).parameters
+    } - {"self", "kwargs", "connection_kwargs", "connection_class"}
+    unknown = sorted({name for name, _ in parse_qsl(parts.query)} - accepted)
+    if unknown:
+        return f"unknown option {unknown[0]!r} in {shown}"
     return None
 
 

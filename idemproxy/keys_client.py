@@ -1,6 +1,7 @@
 """``idemproxy keys get|delete KEY``: a small client of the admin keys API.
 
 The admin token is read from ``$IDEMPROXY_ADMIN_TOKEN`` (never a flag: flags show in ``ps``).
+``--admin`` is a URL or, as ``run --admin`` takes it, HOST:PORT.
 Exit codes: 0 done, 1 no such key, 2 anything else (no token, refused, unreachable).
 """
 
@@ -13,14 +14,26 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from idemproxy.units import parse_host_port
+
 TOKEN_ENV = "IDEMPROXY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 
 def keys_command(
     action: str, key: str, scopes: list[str] | None, admin: str, with_body: bool
 ) -> int:
+    if "://" not in admin:
+        try:
+            host, port = parse_host_port(admin)
+        except ValueError as exc:
+            print(f"idemproxy keys: --admin: {exc}", file=sys.stderr)
+            return 2
+        admin = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     if urllib.parse.urlsplit(admin).scheme not in ("http", "https"):
-        print(f"idemproxy keys: --admin must be an http(s) URL, got {admin!r}", file=sys.stderr)
+        print(
+            f"idemproxy keys: --admin must be an http(s) URL or HOST:PORT, got {admin!r}",
+            file=sys.stderr,
+        )
         return 2
     token = os.environ.get(TOKEN_ENV, "")
     if not token:

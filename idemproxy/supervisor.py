@@ -1,9 +1,20 @@
 """``idemproxy run --workers N``: N worker processes share the listen port (SO_REUSEPORT).
 
 Each worker has its own event loop, store pool and upstream pool. The supervisor (this process)
-starts them, restarts one that dies, forwards SIGTERM / SIGINT / SIGHUP, and serves the admin
-listener itself: health, readiness against the store, the keys API, and metrics summed over all
-workers (prometheus-client's multiprocess mode, through a directory of its own).
+starts them, restarts one that dies, forwards SIGHUP (reload) to each, stops them all on
+SIGTERM / SIGINT, and serves the admin listener itself: health and readiness (every worker
+serving, the store answering), the keys API, and metrics summed over all workers
+(prometheus-client's multiprocess mode, through a directory of its own).
+
+Each worker holds one end of a socket pair to the supervisor: it writes "serving" there once it
+listens, and it stops gracefully when the pair ends, so no worker outlives a supervisor that was
+killed (gunicorn's workers watch their parent pid; uvicorn's answer pings on a pipe).
+
+A worker that dies is restarted after a delay that doubles with each death in a row within
+``EARLY_DEATH`` seconds of its start (``RESTART_DELAY`` up to ``RESTART_DELAY_MAX``); after
+``GIVE_UP_AFTER`` such deaths in a row the supervisor stops and exits 1, so an orchestrator sees
+a failure it can act on instead of a process that restarts forever (a port held by another
+process, a store URL the workers cannot use, a crash at start).
 
 Workers are started with the ``spawn`` method, so each imports prometheus-client after the
 multiprocess directory is set and nothing of the supervisor's state leaks into them.
@@ -19,25 +30,51 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
+from idemproxy.admin import AdminContext, create_admin_app, probe_store
+from idemproxy.app import last_resort, run_loop, serve
 from idemproxy.config import Config, Overrides
-from idemproxy.observability import LogFormat, event, workers_exposition
+from idemproxy.observability import LogFormat, event, setup_logging, workers_exposition
+from idemproxy.store import open_store
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_RESTART_DELAY = 0.5
-_POLL = 0.2
+RESTART_DELAY = 0.5  # seconds before the first restart; doubles with each early death in a row
+RESTART_DELAY_MAX = 2.0
+EARLY_DEATH = 10.0  # a worker that dies sooner than this after its start died early
+GIVE_UP_AFTER = 5  # early deaths in a row of one worker slot
+_POLL = 0.1
+# /dev/shm is a tmpfs that Docker (also with read_only: true) and Kubernetes (also with
+# readOnlyRootFilesystem) mount writable; tried after $TMPDIR and the usual temporary dirs.
+_SHM = "/dev/shm"  # noqa: S108 - a fresh private directory is made inside it
 
 
-def _worker_main(config: Config, path: str | None, flags: Overrides, log_format: LogFormat) -> None:
-    from idemproxy.app import serve
-    from idemproxy.cli import run_loop
-    from idemproxy.observability import setup_logging
-
+def _worker_main(
+    config: Config, path: str | None, flags: Overrides, log_format: LogFormat, channel: Connection
+) -> None:
     setup_logging(log_format)
-    run_loop(serve(config, path, flags, worker=True))
+    raise SystemExit(last_resort(lambda: run_loop(serve(config, path, flags, channel))))
+
+
+@dataclass
+class _Slot:
+    """One worker position: its current process and how its recent starts went."""
+
+    index: int
+    process: BaseProcess
+    channel: Connection  # the supervisor's end of the socket pair
+    started: float
+    serving: bool = False
+    early_deaths: int = 0  # in a row
+    restart_at: float | None = None  # set while the slot waits to restart its dead worker
+
+    @property
+    def up(self) -> bool:
+        return self.serving and self.process.is_alive()
 
 
 class Supervisor:
@@ -54,116 +91,174 @@ class Supervisor:
         self.flags = flags
         self.count = workers
         self.log_format = log_format
-        self.workers: list[BaseProcess] = []
-        self.stopping = False
+        self.slots: list[_Slot] = []
+        self.gave_up = False
+        self._stop = asyncio.Event()
         self._context = multiprocessing.get_context("spawn")
 
-    def _spawn(self, index: int) -> BaseProcess:
+    def _spawn(self, index: int) -> tuple[BaseProcess, Connection]:
+        mine, theirs = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_worker_main,
-            args=(self.config, self.path, self.flags, self.log_format),
+            args=(self.config, self.path, self.flags, self.log_format, theirs),
             name=f"idemproxy-worker-{index}",
             daemon=False,
         )
         process.start()
+        theirs.close()  # the worker has its own copy; ours would only leak
         event("worker started", worker=index, pid=process.pid)
-        return process
+        return process, mine
+
+    def _start(self, index: int) -> _Slot:
+        process, channel = self._spawn(index)
+        return _Slot(index, process, channel, time.monotonic())
+
+    def _restart(self, slot: _Slot) -> None:
+        slot.process, slot.channel = self._spawn(slot.index)
+        slot.started, slot.serving, slot.restart_at = time.monotonic(), False, None
+
+    def serving(self) -> tuple[int, int]:
+        return sum(1 for slot in self.slots if slot.up), self.count
 
     def _signal_all(self, signum: int) -> None:
-        for process in self.workers:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signum)
+        for slot in self.slots:
+            if slot.process.pid is not None and slot.process.is_alive():
+                os.kill(slot.process.pid, signum)
 
     def _join_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for process in self.workers:
-            process.join(max(0.0, deadline - time.monotonic()))
+        for slot in self.slots:
+            slot.process.join(max(0.0, deadline - time.monotonic()))
 
-    async def _watch(self) -> None:
-        """Restart a worker that died while we were not stopping."""
+    def _check(self, slot: _Slot, now: float) -> None:
+        """Note a worker that started serving; restart or give up on one that died."""
+        if slot.restart_at is not None:
+            if now >= slot.restart_at:
+                self._restart(slot)
+            return
+        if slot.process.is_alive():
+            if not slot.serving and slot.channel.poll():
+                try:
+                    slot.serving = slot.channel.recv_bytes() == b"serving"
+                except EOFError:  # it is exiting; the next round sees it dead
+                    return
+            return
         from prometheus_client import multiprocess
 
-        while not self.stopping:
-            for index, process in enumerate(self.workers):
-                if process.is_alive() or self.stopping:
-                    continue
-                event(
-                    "worker died; restarting it",
-                    logging.WARNING,
-                    worker=index,
-                    pid=process.pid,
-                    exitcode=process.exitcode,
-                )
-                if process.pid is not None:
-                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-                await asyncio.sleep(_RESTART_DELAY)
-                if not self.stopping:
-                    self.workers[index] = self._spawn(index)
+        slot.channel.close()
+        if slot.process.pid is not None:
+            multiprocess.mark_process_dead(slot.process.pid)  # type: ignore[no-untyped-call]
+        uptime = now - slot.started
+        slot.early_deaths = slot.early_deaths + 1 if uptime < EARLY_DEATH else 0
+        died = {
+            "worker": slot.index,
+            "pid": slot.process.pid,
+            "exitcode": slot.process.exitcode,
+            "uptime_seconds": round(uptime, 3),
+            "early_deaths_in_a_row": slot.early_deaths,
+        }
+        if slot.early_deaths >= GIVE_UP_AFTER:
+            event(
+                "worker keeps dying at start; giving up: idemproxy stops and exits 1",
+                logging.ERROR,
+                **died,
+            )
+            self.gave_up = True
+            self._stop.set()
+            return
+        delay = min(RESTART_DELAY_MAX, RESTART_DELAY * 2 ** max(0, slot.early_deaths - 1))
+        event("worker died; restarting it", logging.WARNING, restart_in_seconds=delay, **died)
+        slot.restart_at = now + delay
+
+    async def _watch(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for slot in self.slots:
+                if self._stop.is_set():  # gave up: one verdict, not one per slot
+                    return
+                self._check(slot, now)
             await asyncio.sleep(_POLL)
 
     def _processes(self) -> list[tuple[str, int]]:
         """The processes whose ``process_*`` metrics /metrics shows: this one and live workers."""
-        alive = [(i, p.pid) for i, p in enumerate(self.workers) if p.is_alive()]
+        alive = [(s.index, s.process.pid) for s in self.slots if s.process.is_alive()]
         return [("supervisor", os.getpid())] + [(f"worker-{i}", pid) for i, pid in alive if pid]
 
     async def run(self) -> int:
-        from idemproxy.admin import AdminContext, create_admin_app
-        from idemproxy.store import open_store
-
         store = open_store(self.config.store)
         admin = AdminContext(
             store,
             workers_exposition(self._processes),
             self.config.store.key_prefix,
             self.config.admin_token,
+            self.serving,
         )
         runner = web.AppRunner(create_admin_app(admin), access_log=None)
         await runner.setup()
         host, port = self.config.admin_listen
-        await web.TCPSite(runner, host, port).start()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            await store.close()
+            event("idemproxy cannot listen", logging.ERROR, admin=f"{host}:{port}", error=str(exc))
+            return 1
 
-        self.workers = [self._spawn(i) for i in range(self.count)]
-        stop = asyncio.Event()
+        self.slots = [self._start(i) for i in range(self.count)]
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
         watcher = asyncio.create_task(self._watch(), name="worker-watch")
-        event("idemproxy supervisor started", workers=self.count, admin=f"{host}:{port}")
-        await stop.wait()
+        event(
+            "idemproxy supervisor started",
+            workers=self.count,
+            admin=f"{host}:{port}",
+            store_ready=await probe_store(store, self.config.store),
+        )
+        await self._stop.wait()
 
-        self.stopping = True
         watcher.cancel()
         event("idemproxy shutting down", workers=self.count)
         self._signal_all(signal.SIGTERM)
         await asyncio.to_thread(self._join_all, self.config.shutdown_timeout + 5)
-        for process in self.workers:
-            if process.is_alive():
-                process.kill()
-            process.join(1)
+        for slot in self.slots:
+            if slot.process.is_alive():
+                slot.process.kill()
+            slot.process.join(1)
+            slot.channel.close()
         await runner.cleanup()
         await store.close()
-        failed = [p.exitcode for p in self.workers if p.exitcode not in (0, -signal.SIGTERM)]
-        event("idemproxy stopped", worker_exit_codes=[p.exitcode for p in self.workers])
-        return 1 if failed else 0
+        codes = [slot.process.exitcode for slot in self.slots]
+        event("idemproxy stopped", worker_exit_codes=codes)
+        failed = any(code not in (0, -signal.SIGTERM) for code in codes)
+        return 1 if self.gave_up or failed else 0
+
+
+def _metrics_directory() -> str | None:
+    """A fresh directory for the workers' metric files, or None when nowhere is writable."""
+    for parent in (None, _SHM):  # None: $TMPDIR, /tmp, /var/tmp, /usr/tmp, the working dir
+        try:
+            return tempfile.mkdtemp(prefix="idemproxy-metrics-", dir=parent)
+        except OSError:  # FileNotFoundError "No usable temporary directory", read-only, ...
+            continue
+    return None
 
 
 def run_workers(
     config: Config, path: str | None, flags: Overrides, workers: int, log_format: LogFormat
 ) -> int:
-    from idemproxy.cli import run_loop
-
-    directory = tempfile.mkdtemp(prefix="idemproxy-metrics-")
+    directory = _metrics_directory()
+    if directory is None:
+        event(
+            "--workers needs a writable directory for the workers' shared metrics and found "
+            f"none ($TMPDIR, /tmp, /var/tmp, /usr/tmp, the working directory, {_SHM}): mount "
+            "a tmpfs (an emptyDir in Kubernetes) and point TMPDIR at it, or run one worker",
+            logging.ERROR,
+        )
+        return 1
     os.environ[MULTIPROC_ENV] = directory  # inherited by the spawned workers
-    supervisor = Supervisor(config, path, flags, workers, log_format)
     try:
-        exit_code = 0
-
-        async def main() -> None:
-            nonlocal exit_code
-            exit_code = await supervisor.run()
-
-        run_loop(main())
-        return exit_code
+        return run_loop(Supervisor(config, path, flags, workers, log_format).run())
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import HOST, Upstream, free_port, run_cli
+from conftest import HOST, ProxyFactory, Upstream, free_port, run_cli
 
 from idemproxy import __version__
+from tests.cli_process import CliProcess, wait_status
 
 GOOD = """\
 version: 1
@@ -250,3 +251,71 @@ async def test_run_serves_replays_and_exits_0_on_sigterm(
         if proc.returncode is None:
             proc.kill()
             await proc.communicate()
+
+
+# --- one command line ------------------------------------------------------------------------
+
+
+def test_dash_dash_version_prints_what_version_prints() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"idemproxy {__version__}"
+
+
+def test_keys_help_names_the_token_variable_and_the_exit_codes() -> None:
+    result = run_cli("keys", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "IDEMPROXY_ADMIN_TOKEN" in result.stdout
+    assert "0 done, 1 no such key, 2 " in result.stdout
+
+
+async def test_keys_admin_takes_host_port_like_run_admin(make_proxy: ProxyFactory) -> None:
+    """Before, ``keys --admin 127.0.0.1:9901`` was refused: it took only a URL."""
+    proxy = await make_proxy("admin: {token: a-token-for-keys}\n")
+    host, port = proxy.server.admin_address
+    env = {"IDEMPROXY_ADMIN_TOKEN": "a-token-for-keys"}
+    for admin in (f"{host}:{port}", proxy.admin_url):
+        result = await asyncio.to_thread(run_cli, "keys", "get", "nope", "--admin", admin, env=env)
+        assert result.returncode == 1, result.stderr  # reached it: 404, no such key
+        assert "404" in result.stderr
+
+
+async def test_run_admin_takes_a_url_like_keys_admin(
+    upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """Before, ``run --admin http://127.0.0.1:9901`` was a config error."""
+    admin = free_port()
+    args = ["--upstream", upstream.url, "--listen", f"{HOST}:{free_port()}"]
+    proc = await CliProcess("run", *args, "--admin", f"http://{HOST}:{admin}/").start()
+    try:
+        await wait_status(http, proc, f"http://{HOST}:{admin}/healthz", 200)
+    finally:
+        await proc.stop()
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_check_warns_about_a_file_without_upstream_that_run_needs_a_flag_for(
+    tmp_path: Path,
+) -> None:
+    """A policy may leave the upstream to ``run --upstream``: it passes, with a warning."""
+    path = tmp_path / "no-upstream.yaml"
+    path.write_text("routes:\n  - match: {path: /orders}\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: ")
+    assert result.stderr.startswith(f"warning: {path}: upstream.url: "), result.stderr
+    assert "--upstream" in result.stderr
+    with_flag = run_cli("check", "-c", str(path), "--upstream", "http://127.0.0.1:8000")
+    assert with_flag.returncode == 0, with_flag.stderr
+    assert with_flag.stderr == ""
+
+
+def test_check_with_runs_flags_refuses_what_run_refuses(good: Path) -> None:
+    flags = ["-c", str(good), "--workers", "2"]
+    checked = run_cli("check", *flags)
+    assert checked.returncode == 1
+    assert "--workers" in checked.stderr
+    ran = run_cli("run", *flags)
+    assert ran.returncode == 1
+    assert checked.stderr.endswith(ran.stderr.removeprefix("idemproxy run: ")), checked.stderr
+    assert run_cli("check", *flags, "--store", "redis://127.0.0.1:6379/0").returncode == 0
