@@ -21,20 +21,22 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from idemproxy.errors import UpstreamFailure
+from idemproxy.response_parser import (
+    MAX_HEAD,
+    MAX_HEADER_FIELDS,
+    Data,
+    End,
+    Head,
+    RawHeaders,
+    ResponseParser,
+)
 
-RawHeaders = list[tuple[bytes, bytes]]
-
-# Response heads relayed on every path (aiohttp's client is given the same bounds).
-MAX_HEAD = 64 * 1024  # status line and headers of one response
-MAX_HEADER_FIELDS = 256
+__all__ = ["MAX_HEAD", "MAX_HEADER_FIELDS", "Answer", "Http1Pool", "RawHeaders", "ResponseRest"]
 # A pooled connection idle longer than this is closed rather than reused: below the keep-alive
 # timeouts of common upstream servers (Node and uvicorn 5 s, gunicorn 2 s), so that a request is
 # not sent on a connection the upstream is closing at that moment (a lost answer is ambiguous).
 _IDLE_EXPIRY = 1.5
 _PAUSE_AT = 256 * 1024  # streamed rest buffered for a slow client before reading pauses
-
-# Parser states
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 
 
 @dataclass(slots=True)
@@ -99,30 +101,25 @@ class ResponseRest:
 
 
 class _Connection(asyncio.Protocol):
-    """One upstream connection; parses one response at a time."""
+    """One upstream connection: the socket, the timer and one exchange at a time; the bytes
+    are parsed by a ``ResponseParser``."""
 
     def __init__(self, pool: Http1Pool) -> None:
         self._pool = pool
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        self._parser = ResponseParser()
         self.closed = False
         self.idle_since = 0.0
         self._answer: asyncio.Future[Answer] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._rest: ResponseRest | None = None
-        self._state = _DONE
-        self._head_request = False
         self._max_body = 0
         self._stream_all = False  # pass-through: the body streams from the head on
         self._paused = False
         self._last_read = 0.0
-        self._status = 0
-        self._reason = ""
-        self._headers: RawHeaders = []
+        self._head: Head | None = None
         self._chunks: list[bytes] = []
         self._size = 0
-        self._remaining = 0
-        self._reusable = False
 
     # -- the exchange ---------------------------------------------------------------------
 
@@ -136,11 +133,11 @@ class _Connection(asyncio.Protocol):
         loop = self._pool.loop
         self._answer = loop.create_future()
         self._timer = loop.call_later(self._pool.timeout, self._time_out)
-        self._state = _HEAD
-        self._head_request = head_request
+        self._parser.expect(head_request)
         self._stream_all = max_body is None
         self._max_body = max_body or 0
         self._last_read = loop.time()
+        self._head = None
         self._chunks = []
         self._size = 0
         self._rest = None
@@ -162,8 +159,14 @@ class _Connection(asyncio.Protocol):
             self._answer.set_exception(failure)
         elif self._rest is not None:
             self._rest.end(failure)
-        self._state = _DONE
+        self._parser.abandon()
         self.close()
+
+    def _on_head(self, head: Head) -> None:
+        self._head = head
+        if self._stream_all:
+            self._rest = ResponseRest(self)
+            self._resolve(self._rest)
 
     def _body(self, chunk: bytes) -> None:
         if self._rest is not None:
@@ -177,13 +180,14 @@ class _Connection(asyncio.Protocol):
 
     def _resolve(self, rest: ResponseRest | None) -> None:
         assert self._answer is not None
+        assert self._head is not None
         body = b"".join(self._chunks)
         self._chunks = []
         if not self._answer.done():
-            self._answer.set_result(Answer(self._status, self._reason, self._headers, body, rest))
+            head = self._head
+            self._answer.set_result(Answer(head.status, head.reason, head.headers, body, rest))
 
     def _complete(self) -> None:
-        self._state = _DONE
         if self._timer is not None:
             self._timer.cancel()
         if self._rest is not None:
@@ -193,142 +197,21 @@ class _Connection(asyncio.Protocol):
             self._resolve(None)
         if self._paused:
             self.resume()
-        if self._reusable and not self._buffer and not self.closed:
+        reusable = self._head is not None and self._head.keep_alive
+        if reusable and not self._parser.unexpected_bytes and not self.closed:
             self._pool.release(self)
         else:
             self.close()
 
-    # -- parsing --------------------------------------------------------------------------
-
-    def _advance(self) -> None:
-        buffer = self._buffer
-        while True:
-            state = self._state
-            if state == _HEAD:
-                end = buffer.find(b"\r\n\r\n")
-                if end > MAX_HEAD or (end < 0 and len(buffer) > MAX_HEAD):
-                    self._fail(UpstreamFailure("broken", "the response head is too large"))
-                    return
-                if end < 0:
-                    return
-                head = bytes(buffer[:end])
-                del buffer[: end + 4]
-                if not self._read_head(head):
-                    return
-            elif state in (_LENGTH, _CHUNK_DATA):
-                take = min(self._remaining, len(buffer))
-                if take:
-                    self._body(bytes(buffer[:take]))
-                    del buffer[:take]
-                    self._remaining -= take
-                if self._remaining:
-                    return
-                if state == _LENGTH:
-                    self._complete()
-                    return
-                self._state = _CHUNK_END
-            elif state == _CHUNK_END:
-                if len(buffer) < 2:
-                    return
-                if buffer[:2] != b"\r\n":
-                    self._fail(UpstreamFailure("broken", "malformed chunked body"))
-                    return
-                del buffer[:2]
-                self._state = _CHUNK_SIZE
-            elif state in (_CHUNK_SIZE, _TRAILERS):
-                end = buffer.find(b"\r\n")
-                if end < 0:
-                    if len(buffer) > MAX_HEAD:
-                        self._fail(UpstreamFailure("broken", "malformed chunked body"))
-                    return
-                line = bytes(buffer[:end])
-                del buffer[: end + 2]
-                if state == _TRAILERS:
-                    if not line:
-                        self._complete()
-                        return
-                    continue  # trailers are dropped, as aiohttp's client does
-                size = _chunk_size(line)
-                if size is None:
-                    self._fail(UpstreamFailure("broken", "malformed chunk size"))
-                    return
-                self._remaining = size
-                self._state = _CHUNK_DATA if size else _TRAILERS
-            elif state == _UNTIL_CLOSE:
-                if buffer:
-                    self._body(bytes(buffer))
-                    buffer.clear()
+    def _handle(self, events: list[Head | Data | End]) -> None:
+        for event in events:
+            if isinstance(event, Data):
+                self._body(event.chunk)
+            elif isinstance(event, Head):
+                self._on_head(event)
+            else:
+                self._complete()
                 return
-            else:  # _DONE: bytes nobody asked for; the connection cannot be trusted again
-                if buffer:
-                    buffer.clear()
-                    self.close()
-                return
-
-    def _read_head(self, head: bytes) -> bool:
-        """Take a status line and headers; False when there is nothing more to parse now."""
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or not _is_status(parts[1]):
-            self._fail(UpstreamFailure("broken", "not an HTTP/1.x response"))
-            return False
-        status = int(parts[1])
-        if 100 <= status < 200 and status != 101:
-            return True  # an interim response (100 Continue, 103 Early Hints): the real one follows
-        headers: RawHeaders = []
-        length: bytes | None = None
-        chunked = False
-        transfer_coded = False
-        keep_alive = parts[0] == b"HTTP/1.1"
-        if len(lines) > MAX_HEADER_FIELDS + 1:
-            self._fail(UpstreamFailure("broken", f"more than {MAX_HEADER_FIELDS} header fields"))
-            return False
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or b"\r" in line or b"\n" in line:
-                self._fail(UpstreamFailure("broken", "malformed response header"))
-                return False
-            value = value.strip(b" \t")
-            headers.append((name, value))
-            lower = name.lower()
-            if lower == b"content-length":
-                if length is not None and value != length:
-                    self._fail(UpstreamFailure("broken", "conflicting Content-Length headers"))
-                    return False
-                length = value
-            elif lower == b"transfer-encoding":
-                transfer_coded = True
-                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-            elif lower == b"connection":
-                tokens = {token.strip().lower() for token in value.split(b",")}
-                keep_alive = (keep_alive and b"close" not in tokens) or b"keep-alive" in tokens
-        if length is not None and transfer_coded:
-            # RFC 9112 6.3: a sign of response splitting. Refused, as aiohttp's parser refuses
-            # it on the other paths, so every path frames an answer the same way.
-            self._fail(UpstreamFailure("broken", "both Transfer-Encoding and Content-Length"))
-            return False
-        self._status = status
-        self._reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
-        self._headers = headers
-        self._reusable = keep_alive and status != 101
-        if self._stream_all:
-            self._rest = ResponseRest(self)
-            self._resolve(self._rest)
-        if self._head_request or status in (101, 204, 304):
-            self._remaining = 0
-            self._state = _LENGTH
-        elif chunked:
-            self._state = _CHUNK_SIZE
-        elif length is not None and not transfer_coded:
-            if not length.isdigit():
-                self._fail(UpstreamFailure("broken", "invalid Content-Length"))
-                return False
-            self._remaining = int(length)
-            self._state = _LENGTH
-        else:
-            self._reusable = False
-            self._state = _UNTIL_CLOSE
-        return True
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -338,22 +221,27 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stream_all:
             self._last_read = self._pool.loop.time()
-        self._buffer += data
-        self._advance()
+        try:
+            events = self._parser.feed(data)
+        except UpstreamFailure as failure:
+            self._fail(failure)
+            return
+        self._handle(events)
+        if self._parser.unexpected_bytes and not self._parser.in_response:
+            self.close()  # bytes nobody asked for: the connection cannot be trusted again
 
     def eof_received(self) -> bool:
-        if self._state == _UNTIL_CLOSE:
-            self._complete()
-        elif self._state != _DONE:
-            self._fail(UpstreamFailure("broken", "the upstream closed the connection"))
+        try:
+            self._handle(self._parser.feed_eof())
+        except UpstreamFailure as failure:
+            self._fail(failure)
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._state == _UNTIL_CLOSE and exc is None:
-            self._complete()
-        elif self._state != _DONE:
-            detail = f": {exc}" if exc else ""
-            self._fail(UpstreamFailure("broken", f"the connection was lost{detail}"))
+        if exc is None:
+            self.eof_received()
+        elif self._parser.in_response:
+            self._fail(UpstreamFailure("broken", f"the connection was lost: {exc}"))
         if not self.closed:
             self.closed = True
             self._pool.forget(self)
@@ -384,17 +272,6 @@ def serialise_request(method: bytes, target: bytes, headers: RawHeaders, body: b
     lines.append(b"")
     lines.append(body)
     return b"\r\n".join(lines)
-
-
-def _is_status(text: bytes) -> bool:
-    return len(text) == 3 and text.isdigit() and text[:1] != b"0"
-
-
-def _chunk_size(line: bytes) -> int | None:
-    digits = line.split(b";", 1)[0].strip(b" \t")
-    if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
-        return None
-    return int(digits, 16)
 
 
 class Http1Pool:
