@@ -27,13 +27,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import pytest
 
 from tests.conftest import HOST, RedisProcess, Upstream, free_port, redis_server_binary
 from tests.test_faults import ProxyProcess, executions
-from tests.test_redis_modes import cli
+from tests.test_redis_modes import cli, cluster_port
 
 pytestmark = pytest.mark.chaos
 
@@ -114,6 +115,12 @@ class SentinelGroup:
     def master_port(self) -> int:
         answer = cli(self.sentinel_ports[0], "sentinel", "get-master-addr-by-name", "mymaster")
         return int(answer.split()[1])
+
+    def promoted(self) -> bool:
+        return self.master_port() != self.master.port
+
+    def recover(self) -> None:
+        """Nothing: the new master keeps the other replica."""
 
     def partition(self) -> None:
         """The replicas stop reading, then the master drops their links: nothing the master
@@ -203,8 +210,19 @@ async def client(
     storm.unanswered.append(f"{key}: {status}")
 
 
+class Faulty(Protocol):
+    def partition(self) -> None: ...
+
+    def kill_master(self) -> None: ...
+
+    def promoted(self) -> bool: ...
+
+    def recover(self) -> None:
+        """After the promotion: what an operator (or Kubernetes) brings back."""
+
+
 async def run_storm(
-    group: SentinelGroup,
+    group: Faulty,
     proxies: tuple[ProxyProcess, ProxyProcess],
     http: aiohttp.ClientSession,
     label: str,
@@ -220,17 +238,17 @@ async def run_storm(
         await asyncio.to_thread(group.partition)
         faults["partition"] = time.monotonic() - started
         await asyncio.sleep(KILL_AT - PARTITION_AT)
-        old = group.master.port
         await asyncio.to_thread(group.kill_master)
         faults["kill"] = time.monotonic() - started
-        for _ in range(300):  # until a sentinel names the new master
+        for _ in range(300):  # until a replica is the master
             try:
-                if await asyncio.to_thread(group.master_port) != old:
+                if await asyncio.to_thread(group.promoted):
                     break
             except subprocess.CalledProcessError:
                 pass
             await asyncio.sleep(0.1)
         faults["promoted"] = time.monotonic() - started
+        await asyncio.to_thread(group.recover)
 
     async def key_storm(i: int) -> None:
         await asyncio.sleep(i * LAUNCH_SECONDS / KEYS)
@@ -254,14 +272,10 @@ async def run_storm(
     return storm
 
 
-def policy(tmp_path: Path, group: SentinelGroup, wait_replicas: int) -> Path:
+def policy(tmp_path: Path, store: str, wait_replicas: int) -> Path:
     path = tmp_path / f"policy-{wait_replicas}.yaml"
-    sentinels = ", ".join(f"'{HOST}:{p}'" for p in group.sentinel_ports)
     path.write_text(
-        "store:\n"
-        "  mode: sentinel\n"
-        "  service_name: mymaster\n"
-        f"  sentinels: [{sentinels}]\n"
+        f"store:\n{store}"
         f"  wait_replicas: {wait_replicas}\n"
         "  wait_timeout: 100ms\n"
         "routes:\n"
@@ -272,23 +286,25 @@ def policy(tmp_path: Path, group: SentinelGroup, wait_replicas: int) -> Path:
     return path
 
 
-@pytest.mark.timeout(150)
-@pytest.mark.parametrize("wait_replicas", [0, 1])
-async def test_sentinel_partition_then_master_killed_mid_storm(
+async def storm_and_check(
+    name: str,
+    group: Faulty,
+    path: Path,
+    store_url: str,
     wait_replicas: int,
-    sentinel_group: SentinelGroup,
     proxy_processes: list[ProxyProcess],
     upstream: Upstream,
     http: aiohttp.ClientSession,
-    tmp_path: Path,
 ) -> None:
-    path = policy(tmp_path, sentinel_group, wait_replicas)
-    store = f"redis://{HOST}:{sentinel_group.master.port}/0"  # mode sentinel: the db only
-    pair = (ProxyProcess(path, upstream.url, store), ProxyProcess(path, upstream.url, store))
+    """Two proxies, the storm with its faults, one summary line, and the assertions."""
+    pair = (
+        ProxyProcess(path, upstream.url, store_url),
+        ProxyProcess(path, upstream.url, store_url),
+    )
     proxy_processes.extend(pair)
     await asyncio.gather(*(proxy.ready(http) for proxy in pair))
 
-    storm = await run_storm(sentinel_group, pair, http, f"w{wait_replicas}")
+    storm = await run_storm(group, pair, http, f"{name}-w{wait_replicas}")
 
     unreplicated = 0.0
     for proxy in pair:  # completions answered before a replica had them
@@ -301,7 +317,7 @@ async def test_sentinel_partition_then_master_killed_mid_storm(
     differing = sorted(key for key, seen in storm.answers.items() if len(set(seen)) > 1)
     faults = storm.faults
     print(
-        f"\n[chaos sentinel wait_replicas={wait_replicas}] keys={KEYS} clients_per_key=2+1 late "
+        f"\n[chaos {name} wait_replicas={wait_replicas}] keys={KEYS} clients_per_key=2+1 late "
         f"slow_keys={len(range(0, KEYS, SLOW_EVERY))} "
         f"partition_at={faults['partition']:.1f}s master_killed_at={faults['kill']:.1f}s "
         f"new_master_at={faults['promoted']:.1f}s keys_run_twice={len(twice)} "
@@ -317,3 +333,151 @@ async def test_sentinel_partition_then_master_killed_mid_storm(
         assert twice == [], f"{len(twice)} keys ran twice: {twice[:10]}"
         assert differing == [], f"{len(differing)} keys answered differently: {differing[:10]}"
         assert all(len(seen) == 3 for seen in storm.answers.values())
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+async def test_sentinel_partition_then_master_killed_mid_storm(
+    wait_replicas: int,
+    sentinel_group: SentinelGroup,
+    proxy_processes: list[ProxyProcess],
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    sentinels = ", ".join(f"'{HOST}:{p}'" for p in sentinel_group.sentinel_ports)
+    store = f"  mode: sentinel\n  service_name: mymaster\n  sentinels: [{sentinels}]\n"
+    path = policy(tmp_path, store, wait_replicas)
+    store_url = f"redis://{HOST}:{sentinel_group.master.port}/0"  # mode sentinel: the db only
+    await storm_and_check(
+        "sentinel", sentinel_group, path, store_url, wait_replicas, proxy_processes, upstream, http
+    )
+
+
+# --- Cluster -----------------------------------------------------------------------------------
+
+
+def _replication(port: int) -> dict[str, str]:
+    fields = {}
+    for line in cli(port, "info", "replication").splitlines():
+        name, _, value = line.strip().partition(":")
+        fields[name] = value
+    return fields
+
+
+class ClusterGroup:
+    """Redis Cluster: three masters with a replica each. The victim is a master other than
+    the one the proxies are pointed at; its replica takes over when it dies."""
+
+    def __init__(self, workdir: str) -> None:
+        self.nodes = []
+        for i in range(6):
+            (Path(workdir) / f"node-{i}").mkdir()
+            self.nodes.append(
+                RedisProcess(
+                    cluster_port(),
+                    f"{workdir}/node-{i}",
+                    extra=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ],
+                )
+            )
+        self.entry = self.victim = self.victim_replica = self.nodes[0]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        cli(
+            self.nodes[0].port,
+            "--cluster",
+            "create",
+            *(f"{HOST}:{node.port}" for node in self.nodes),
+            "--cluster-replicas",
+            "1",
+            "--cluster-yes",
+        )
+
+        def formed() -> bool:
+            if not all(
+                "cluster_state:ok" in cli(node.port, "cluster", "info") for node in self.nodes
+            ):
+                return False
+            roles = [_replication(node.port) for node in self.nodes]
+            replicas = [r for r in roles if r.get("role") == "slave"]
+            return len(replicas) == 3 and all(r.get("master_link_status") == "up" for r in replicas)
+
+        _poll(formed, "the cluster did not form with a synced replica per master", 40)
+        masters = [n for n in self.nodes if _replication(n.port)["role"] == "master"]
+        self.entry, self.victim = masters[0], masters[1]
+        self.victim_replica = next(
+            n
+            for n in self.nodes
+            if _replication(n.port).get("master_port") == str(self.victim.port)
+        )
+
+    def partition(self) -> None:
+        assert self.victim_replica.process is not None
+        self.victim_replica.process.send_signal(signal.SIGSTOP)
+        cli(self.victim.port, "client", "kill", "type", "replica")
+
+    def kill_master(self) -> None:
+        assert self.victim.process is not None
+        assert self.victim_replica.process is not None
+        self.victim.process.send_signal(signal.SIGKILL)
+        self.victim.process.wait()
+        self.victim_replica.process.send_signal(signal.SIGCONT)
+
+    def promoted(self) -> bool:
+        return _replication(self.victim_replica.port).get("role") == "master" and (
+            "cluster_state:ok" in cli(self.entry.port, "cluster", "info")
+        )
+
+    def recover(self) -> None:
+        """The dead master restarts (empty: no persistence) and rejoins as the new master's
+        replica. Until it has synced, that shard has no replica and refuses new keys (503)."""
+        self.victim.start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.send_signal(signal.SIGCONT)
+            node.stop()
+
+
+@pytest.fixture
+def cluster_group() -> Iterator[ClusterGroup]:
+    with tempfile.TemporaryDirectory() as workdir:
+        group = ClusterGroup(workdir)
+        try:
+            group.start()
+            yield group
+        finally:
+            group.stop()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+async def test_cluster_master_partitioned_then_killed_mid_storm(
+    wait_replicas: int,
+    cluster_group: ClusterGroup,
+    proxy_processes: list[ProxyProcess],
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    path = policy(tmp_path, "  mode: cluster\n", wait_replicas)
+    await storm_and_check(
+        "cluster",
+        cluster_group,
+        path,
+        cluster_group.entry.url,
+        wait_replicas,
+        proxy_processes,
+        upstream,
+        http,
+    )
