@@ -25,13 +25,17 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import aiohttp
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
+from idemproxy.config import StoreConfig
+from idemproxy.store import NotReplicated
+from idemproxy.store.redis import RedisStore
 from tests.conftest import HOST, RedisProcess, Upstream, free_port, redis_server_binary
 from tests.test_faults import ProxyProcess, executions
 from tests.test_redis_modes import cli, cluster_port
@@ -481,3 +485,52 @@ async def test_cluster_master_partitioned_then_killed_mid_storm(
         upstream,
         http,
     )
+
+
+async def test_cluster_wait_counts_only_the_replicas_of_the_key_owner(
+    cluster_group: ClusterGroup,
+) -> None:
+    """Each master has one replica. WAIT 1 after each lease: every lease is on a replica when
+    the call returns. WAIT 2 must fail: only a WAIT sent to every master and added up (what a
+    cluster pipeline does with a keyless command) would count 3."""
+    config = StoreConfig(cluster_group.entry.url, "", "fail_closed", mode="cluster")
+    one = RedisStore(replace(config, wait_replicas=1))
+    two = RedisStore(replace(config, wait_replicas=2))
+    try:
+        keys = [f"owner-{i}" for i in range(30)]
+        for key in keys:
+            assert await one.acquire(key, "fp", "t", 30.0) is None
+        replicas = [n for n in cluster_group.nodes if _replication(n.port)["role"] == "slave"]
+        assert sum(int(cli(n.port, "dbsize").strip()) for n in replicas) == len(keys)
+        await one.ready()
+        for i in range(6):
+            with pytest.raises(NotReplicated):
+                await two.acquire(f"two-{i}", "fp", "t", 30.0)
+        with pytest.raises(NotReplicated):
+            await two.ready()
+        masters = [n for n in cluster_group.nodes if _replication(n.port)["role"] == "master"]
+        assert sum(int(cli(n.port, "dbsize").strip()) for n in masters) == len(keys)  # released
+        # One shard's replica stops: only the keys of that shard are refused. (A WAIT sent to
+        # any other master would answer 1 at once: its replica has all that connection wrote.)
+        router = RedisCluster.from_url(cluster_group.entry.url)
+        try:
+            await router.initialize()
+            owners = {f"cut-{i}": router.get_node_from_key(f"cut-{i}") for i in range(30)}
+        finally:
+            await router.aclose()
+        cluster_group.partition()
+        try:
+            for key, owner in owners.items():
+                assert owner is not None
+                if owner.port == cluster_group.victim.port:
+                    with pytest.raises(NotReplicated):
+                        await one.acquire(key, "fp", "t", 30.0)
+                else:
+                    assert await one.acquire(key, "fp", "t", 30.0) is None
+        finally:
+            assert cluster_group.victim_replica.process is not None
+            cluster_group.victim_replica.process.send_signal(signal.SIGCONT)
+        assert {o.port for o in owners.values() if o is not None} >= {cluster_group.victim.port}
+    finally:
+        await one.close()
+        await two.close()
