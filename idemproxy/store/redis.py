@@ -238,9 +238,11 @@ class _RedisPy:
         self, script: Script, key: str, args: tuple[Arg, ...], replicas: int, timeout_ms: int
     ) -> tuple[Any, int]:
         """On Cluster the WAIT must reach the master that owns the key's slot, on the script's
-        connection. A cluster pipeline would route a keyless WAIT to every master and add up
-        their answers (and re-route it so on a retry), so both go to the slot's node as one
-        pipeline of its own; a MOVED answer refreshes the slot map and tries once more."""
+        connection. A cluster pipeline sends a keyless WAIT to its default node, whose answer
+        says nothing about the script's write (and routes it by its own policy again on a
+        retry), so both go to the slot's node as one pipeline of their own; a MOVED answer
+        patches the slot map and tries again. Uses redis-py's ClusterNode.execute_pipeline:
+        tests/test_chaos_failover.py checks the routing on a real cluster."""
         cluster = self._redis
         assert isinstance(cluster, RedisCluster)
         commands = [("EVALSHA", script.sha), ("EVAL", script.source)]
@@ -263,9 +265,13 @@ class _RedisPy:
             if isinstance(reply, NoScriptError) and len(commands) > 1:
                 commands.pop(0)
                 continue
-            if isinstance(reply, MovedError | AskError):
+            if isinstance(reply, MovedError):  # a failover or a moved slot: patch the map
+                reply.host = reply.host or node.host
+                await cluster.nodes_manager.move_slot(reply)
                 cluster._request_refresh()
                 continue
+            if isinstance(reply, AskError):  # a slot being migrated: answered as unavailable
+                cluster._request_refresh()
             if isinstance(reply, BaseException):
                 raise reply
             return reply, acked if isinstance(acked, int) else 0
