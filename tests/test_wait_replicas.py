@@ -201,6 +201,25 @@ async def test_proxy_answers_503_to_an_unacknowledged_lease_and_leaves_no_lock(
     assert upstream.count() == 1
 
 
+async def test_fail_open_forwards_an_unacknowledged_lease_unprotected(
+    replicated: Replicated,
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    proxy = await make_proxy(POLICY + "  on_error: fail_open\n", store=replicated.master.url)
+    replicated.freeze()
+    try:
+        assert await post(http, proxy.url, "open") == 201  # on_error decides: forwarded
+        assert upstream.count() == 1
+        async with http.get(proxy.admin_url + "/metrics") as response:
+            assert 'outcome="store_error"' in await response.text()
+        prefix = proxy.server.config.store.key_prefix
+        assert cli(replicated.master.port, "--scan", "--pattern", prefix + "*").split() == []
+    finally:
+        replicated.thaw()
+
+
 async def test_proxy_answers_an_unacknowledged_completion_counts_it_and_replicates_it_later(
     replicated: Replicated,
     make_proxy: ProxyFactory,
