@@ -22,7 +22,7 @@ from idemproxy.errors import ProblemError, StoreUnavailable
 from idemproxy.keys import store_key
 from idemproxy.observability import event
 from idemproxy.records import Record
-from idemproxy.store import Store
+from idemproxy.store import NotReplicated, Store
 from idemproxy.units import redact
 
 READY_TIMEOUT = 2.0
@@ -89,12 +89,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready only while every worker serves and the store answers, so traffic follows the
-    store both ways."""
+    """Ready only while every worker serves and the store answers (and has
+    ``store.wait_replicas`` replicas), so traffic follows the store both ways."""
     missing = _missing_workers(request)
     if missing is not None:
         return missing
-    if await store_problem(request.app[ADMIN].store) is not None:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await request.app[ADMIN].store.ready()
+    except NotReplicated as exc:  # answers, but too few replicas: every new key would get 503
+        body = {"status": "unavailable", "store": "replicas", "detail": str(exc)}
+        return web.json_response(body, status=503)
+    except (StoreUnavailable, TimeoutError):
         return web.json_response({"status": "unavailable", "store": "down"}, status=503)
     return web.json_response({"status": "ready"})
 

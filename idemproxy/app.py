@@ -44,7 +44,11 @@ class ProxyServer:
         self.worker = worker
         self.metrics = Metrics()
         self.store = TimedStore(
-            open_store(config.store, config.limits.memory_store_max_keys),
+            open_store(
+                config.store,
+                config.limits.memory_store_max_keys,
+                config.limits.memory_store_max_bytes,
+            ),
             self.metrics.store_duration,
         )
         self.upstream = Upstream(config.upstream)

@@ -138,6 +138,8 @@ class StoreFile:
     service_name: str | None = None
     key_prefix: str | None = None
     on_error: OnError | None = None
+    wait_replicas: int | None = None
+    wait_timeout: Duration | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class LimitsFile:
     body_timeout: Duration | None = None
     max_in_flight: int | None = None
     memory_store_max_keys: int | None = None
+    memory_store_max_bytes: Size | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,9 @@ class StoreConfig:
     mode: StoreMode = "standalone"
     sentinels: tuple[tuple[str, int], ...] = ()
     service_name: str = ""
+    # N > 0: every lease and completion is acknowledged by N replicas (Redis WAIT) in time.
+    wait_replicas: int = 0
+    wait_timeout: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +247,7 @@ class Limits:
     body_timeout: float = 30.0
     max_in_flight: int = 1024
     memory_store_max_keys: int = 1_000_000
+    memory_store_max_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -849,6 +856,7 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
         b.problem("--store" if flags.store else "store.url", error)
     mode = st.mode or "standalone"
     sentinels = _sentinels(mode, st, store_url, b)
+    _wait_replicas(st, store_url, b)
 
     defaults = _merge(BUILTIN_DEFAULTS, doc.defaults)
     resolver = _Resolver(b)
@@ -883,6 +891,8 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
             mode=mode,
             sentinels=sentinels,
             service_name=st.service_name or "",
+            wait_replicas=st.wait_replicas or 0,
+            wait_timeout=st.wait_timeout or 0.1,
         ),
         routes=tuple(routes),
         source=source,
@@ -901,7 +911,33 @@ def _limits(written: LimitsFile, b: _Builder) -> Limits:
     for name in ("max_request_line", "max_header_size"):
         if values.get(name, 1024) < 1024:
             b.problem(f"limits.{name}", "must be at least 1KiB")
+    if values.get("memory_store_max_bytes", 1024 * 1024) < 1024 * 1024:
+        b.problem("limits.memory_store_max_bytes", "must be at least 1MiB")
     return Limits(**values)
+
+
+# WAIT and its script share one store call, bounded by the store timeout (2 s): leave room.
+MAX_WAIT_TIMEOUT = 1.0
+
+
+def _wait_replicas(st: StoreFile, store_url: str, b: _Builder) -> None:
+    """``wait_replicas`` needs replicated Redis; N is a whole number, not negative."""
+    if st.wait_replicas is not None and st.wait_replicas < 0:
+        b.problem("store.wait_replicas", f"must be 0 or more replicas, got {st.wait_replicas}")
+    if st.wait_replicas and store_url == "memory://":
+        b.problem(
+            "store.wait_replicas",
+            "the memory store has no replicas; wait_replicas needs a replicated Redis store",
+        )
+    if st.wait_timeout is not None:
+        if st.wait_timeout < 0.001:
+            b.problem("store.wait_timeout", "must be at least 1ms")
+        elif st.wait_timeout > MAX_WAIT_TIMEOUT:
+            b.problem(
+                "store.wait_timeout",
+                "must be at most 1s: the replicas' acknowledgement is part of a store call, "
+                "which is bounded by 2s",
+            )
 
 
 def _sentinels(

@@ -80,6 +80,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+        self.store_unreplicated = Counter(
+            "idemproxy_store_unreplicated",
+            "Completions answered before store.wait_replicas replicas acknowledged them.",
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, Outcome], Counter] = {}
         self._upstream_children: dict[str, Histogram] = {}
         self.locks_in_flight = Gauge(

@@ -42,7 +42,7 @@ from idemproxy.observability import Metrics, Trace, event
 from idemproxy.policy import Policy
 from idemproxy.problems import Outcome
 from idemproxy.records import StoredResponse, unusual_reason
-from idemproxy.store import Store
+from idemproxy.store import NotReplicated, Store
 from idemproxy.upstream import Upstream
 
 log = logging.getLogger("idemproxy")
@@ -404,6 +404,17 @@ class KeyedProxy:
         """
         try:
             settled = await self._settle_once(lease, response, release)
+        except NotReplicated as exc:
+            # Recorded on the master, not yet on enough replicas: answered all the same.
+            self.metrics.store_unreplicated.inc()
+            event(
+                "completion not acknowledged by the replicas; retrying in the background",
+                logging.WARNING,
+                error=str(exc),
+                key_hash=lease.trace.key_hash,
+            )
+            self._settle_in_background(lease, response, release)
+            return
         except StoreUnavailable as exc:
             event(
                 "store unavailable when settling a lease; retrying in the background",

@@ -84,6 +84,10 @@ DESCRIPTIONS = {
     "StoreFile.sentinels": "HOST:PORT list, mode sentinel.",
     "StoreFile.service_name": "Sentinel service name, mode sentinel.",
     "StoreFile.on_error": "fail_closed: answer 503; fail_open: forward unprotected.",
+    "StoreFile.wait_replicas": "N > 0: every lease and completion is acknowledged by N replicas "
+    "(Redis WAIT) before the request is forwarded or the answer sent.",
+    "StoreFile.wait_timeout": "How long a write may wait for the replicas (at most 1s).",
+    "LimitsFile.memory_store_max_bytes": "memory:// store bound on stored responses and keys.",
     "KeyFile.header": "Header carrying the idempotency key.",
     "KeyFile.from": "Where the key comes from.",
     "KeyFile.pointer": "JSON pointer to the key in the body (from: body).",

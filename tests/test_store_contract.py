@@ -8,9 +8,11 @@ the key, what acquire answers), never about how long something took.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,6 +24,7 @@ from idemproxy.store.base import Store
 from idemproxy.store.memory import MemoryStore
 from idemproxy.store.redis import RedisStore
 from tests.conftest import HOST, RedisProcess, free_port
+from tests.test_wait_replicas import wait_for_link
 
 FP = "fingerprint-a"
 OTHER_FP = "fingerprint-b"
@@ -53,16 +56,41 @@ class StoreCase:
         return self.prefix + name
 
 
-@pytest.fixture(params=["memory", "redis", "redis-py"])
+@pytest.fixture(scope="module")
+def replicated_redis() -> Iterator[RedisProcess]:
+    """A master with one replica: the contract holds with ``wait_replicas: 1`` too."""
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in ("master", "replica"):
+            (Path(workdir) / name).mkdir()
+        master = RedisProcess(free_port(), f"{workdir}/master")
+        replica = RedisProcess(
+            free_port(), f"{workdir}/replica", extra=["--replicaof", HOST, str(master.port)]
+        )
+        try:
+            master.start()
+            replica.start()
+            wait_for_link(replica)
+            yield master
+        finally:
+            replica.stop()
+            master.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "redis-py", "redis-wait", "redis-py-wait"])
 async def case(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[StoreCase]:
-    """``redis`` is the pipelined client; a URL option sends the same store through redis-py."""
+    """``redis`` is the pipelined client; a URL option sends the same store through redis-py.
+    The ``-wait`` cases run on a master with a replica and ``wait_replicas: 1``."""
     store: Store
     if request.param == "memory":
         store = MemoryStore()
     else:
-        server: RedisProcess = request.getfixturevalue("redis_server")
-        options = "?socket_keepalive=true" if request.param == "redis-py" else ""
-        store = RedisStore(StoreConfig(server.url + options, "", "fail_closed"))
+        waits = request.param.endswith("-wait")
+        server: RedisProcess = request.getfixturevalue(
+            "replicated_redis" if waits else "redis_server"
+        )
+        options = "?socket_keepalive=true" if request.param.startswith("redis-py") else ""
+        config = StoreConfig(server.url + options, "", "fail_closed", wait_replicas=int(waits))
+        store = RedisStore(config)
     yield StoreCase(request.param, store, prefix)
     await store.close()
 

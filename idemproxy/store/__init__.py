@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from idemproxy.config import StoreConfig
-from idemproxy.store.base import Store
+from idemproxy.store.base import NotReplicated, Store
 
 
-def open_store(config: StoreConfig, memory_max_keys: int = 1_000_000) -> Store:
+def open_store(
+    config: StoreConfig,
+    memory_max_keys: int = 1_000_000,
+    memory_max_bytes: int = 256 * 1024 * 1024,
+) -> Store:
     if config.url == "memory://":
         from idemproxy.store.memory import MemoryStore
 
-        return MemoryStore(memory_max_keys)
+        return MemoryStore(memory_max_keys, memory_max_bytes)
     from idemproxy.store.redis import RedisStore
 
     return RedisStore(config)
 
 
-__all__ = ["Store", "open_store"]
+__all__ = ["NotReplicated", "Store", "open_store"]

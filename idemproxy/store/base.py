@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from idemproxy.errors import StoreUnavailable
 from idemproxy.records import Record, StoredResponse
+
+
+class NotReplicated(StoreUnavailable):
+    """``store.wait_replicas`` replicas did not acknowledge a write within ``wait_timeout``.
+
+    From ``acquire``: the lease was released again (``maybe_applied`` False) or could not be
+    (True). From ``complete``: the record is on the master; only its replication is in doubt.
+    """
 
 
 class Store(Protocol):
@@ -39,5 +48,9 @@ class Store(Protocol):
     async def delete(self, key: str) -> bool: ...
 
     async def ping(self) -> None: ...
+
+    async def ready(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers and, with ``wait_replicas``,
+        has that many replicas connected."""
 
     async def close(self) -> None: ...

@@ -34,15 +34,30 @@ class _Entry:
     response: bytes | None = None
 
 
-class MemoryStore:
-    """``max_keys`` bounds memory: at the bound, a new key evicts the completed record that
-    would expire first. In-flight leases are never evicted; when every entry is one, new keys
-    are refused as "store unavailable" (503 under ``fail_closed``)."""
+def _size(key: str, entry: _Entry) -> int:
+    """What an entry counts against ``max_bytes``: its key, fingerprint, token and response."""
+    response = len(entry.response) if entry.response is not None else 0
+    return len(key) + len(entry.fingerprint) + len(entry.token) + response
 
-    def __init__(self, max_keys: int = 1_000_000) -> None:
+
+class MemoryStore:
+    """``max_keys`` and ``max_bytes`` bound memory: at either bound, a new key (or a completion
+    that brings a response) evicts the completed records that would expire first. In-flight
+    leases are never evicted; when nothing else is left, new keys are refused as "store
+    unavailable" (503 under ``fail_closed``) and a completion is retried like one made while a
+    store is down. ``max_bytes`` counts the stored response bytes and the keys (key,
+    fingerprint and token strings), not Python's fixed cost per entry (bounded by ``max_keys``).
+    """
+
+    def __init__(self, max_keys: int = 1_000_000, max_bytes: int = 256 * 1024 * 1024) -> None:
         self.max_keys = max_keys
+        self.max_bytes = max_bytes
+        self.bytes = 0  # the sum of _size() over the entries
         self._entries: dict[str, _Entry] = {}
         self._deadlines: list[tuple[float, str]] = []
+
+    def _drop(self, key: str) -> None:
+        self.bytes -= _size(key, self._entries.pop(key))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -51,7 +66,7 @@ class MemoryStore:
             _, key = heapq.heappop(heap)
             entry = self._entries.get(key)
             if entry is not None and entry.deadline <= now:
-                del self._entries[key]
+                self._drop(key)
 
     def _evict_one(self) -> None:
         heap = self._deadlines
@@ -65,12 +80,22 @@ class MemoryStore:
                 if entry.state == IN_FLIGHT:
                     leases.append((deadline, key))
                     continue
-                del self._entries[key]
+                self._drop(key)
                 return
         finally:
             for item in leases:
                 heapq.heappush(heap, item)
-        raise StoreUnavailable(f"the memory store holds {self.max_keys} in-flight leases")
+        raise StoreUnavailable(
+            f"the memory store is full of in-flight leases ({len(self._entries)} keys, "
+            f"{self.bytes} bytes)"
+        )
+
+    def _make_room(self, keys: int, size: int) -> None:
+        """Evict until ``keys`` more entries and ``size`` more bytes fit."""
+        while self._entries and (
+            len(self._entries) + keys > self.max_keys or self.bytes + size > self.max_bytes
+        ):
+            self._evict_one()
 
     def _live(self, key: str) -> _Entry | None:
         self._expire()
@@ -85,10 +110,11 @@ class MemoryStore:
     ) -> Record | None:
         entry = self._live(key)
         if entry is None:
-            if len(self._entries) >= self.max_keys:
-                self._evict_one()
             entry = _Entry(IN_FLIGHT, fingerprint, token, time.time(), 0.0)
+            size = _size(key, entry)
+            self._make_room(1, size)
             self._entries[key] = entry
+            self.bytes += size
             self._set_deadline(key, entry, lock_ttl)
             return None
         if entry.state == IN_FLIGHT and entry.token == token:
@@ -118,8 +144,12 @@ class MemoryStore:
         state = COMPLETED if response is not None else UNREPLAYABLE
         if entry.state != IN_FLIGHT:
             return entry.state == state  # a retried completion
+        encoded = encode_response(response) if response is not None else None
+        if encoded is not None:
+            self._make_room(0, len(encoded))  # never evicts this entry: it is a lease
         entry.state = state
-        entry.response = encode_response(response) if response is not None else None
+        entry.response = encoded
+        self.bytes += len(encoded) if encoded is not None else 0
         self._set_deadline(key, entry, ttl)
         return True
 
@@ -127,7 +157,7 @@ class MemoryStore:
         entry = self._live(key)
         if entry is None or entry.state != IN_FLIGHT or entry.token != token:
             return False
-        del self._entries[key]
+        self._drop(key)
         return True
 
     async def get(self, key: str) -> Record | None:
@@ -144,14 +174,21 @@ class MemoryStore:
         )
 
     async def delete(self, key: str) -> bool:
-        return self._live(key) is not None and self._entries.pop(key, None) is not None
+        if self._live(key) is None:
+            return False
+        self._drop(key)
+        return True
 
     async def ping(self) -> None:
+        return None
+
+    async def ready(self) -> None:
         return None
 
     async def close(self) -> None:
         self._entries.clear()
         self._deadlines.clear()
+        self.bytes = 0
 
     def __len__(self) -> int:
         self._expire()

@@ -54,6 +54,17 @@ class Script:
         object.__setattr__(self, "sha", digest)
 
 
+def connected_replicas(info: bytes | str | dict[str, Any]) -> int:
+    """``connected_slaves`` from an INFO replication answer (text, or redis-py's dict)."""
+    if isinstance(info, dict):
+        return int(info.get("connected_slaves", 0))
+    text = info.decode() if isinstance(info, bytes) else info
+    for line in text.splitlines():
+        if line.startswith("connected_slaves:"):
+            return int(line.split(":", 1)[1])
+    return 0
+
+
 def fast_path_supports(url: str) -> bool:
     """Whether ``url`` needs nothing this client lacks: redis:// or unix://, no TLS, no
     options other than ``db``."""
@@ -73,6 +84,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._ended: BaseException | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        # The WAIT that closes the batch being gathered, and the callers waiting for it.
+        self._batch_wait: tuple[bytes, list[asyncio.Future[Any]]] | None = None
 
     @property
     def usable(self) -> bool:
@@ -105,30 +118,68 @@ class _Connection(asyncio.Protocol):
             future = self._waiting.popleft()[0]
             if not future.done():
                 future.set_exception(self._ended)
+        if self._batch_wait is not None:
+            _fail(self._batch_wait[1], self._ended)
+            self._batch_wait = None
         self._transport = None
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
+        return self._send(command, None)[0]
+
+    def send_waited(
+        self, command: bytes, wait: bytes
+    ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+        """Send ``command`` followed, in the same write, by ``wait`` (a packed WAIT); return
+        the command's future and the WAIT's. The commands batched in one loop iteration share
+        one WAIT, written after the last of them: it covers every write before it."""
+        return self._send(command, wait)
+
+    def _send(
+        self, command: bytes, wait: bytes | None
+    ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
         future = self._loop.create_future()
         transport = self._transport
         if self._ended is not None or transport is None:
             future.set_exception(self._ended or ConnectionResetError("not connected"))
-            return future
-        self._waiting.append((future, self._loop.time() + self._timeout))
-        if self._outgoing:  # a flush is due later in this loop iteration
-            self._outgoing.append(command)
-        elif len(self._waiting) == 1:  # nothing else in flight: no batch worth waiting for
-            transport.write(command)
-        else:
-            self._outgoing.append(command)
+            return future, future
+        deadline = self._loop.time() + self._timeout
+        self._waiting.append((future, deadline))
+        if not self._outgoing and len(self._waiting) == 1:
+            # Nothing else in flight: no batch worth waiting for.
+            if wait is None:
+                transport.write(command)
+                return future, future
+            acked = self._loop.create_future()
+            self._waiting.append((acked, deadline))
+            transport.write(command + wait)
+            return future, acked
+        if not self._outgoing:  # the first of a batch: a flush is due later in this iteration
             self._loop.call_soon(self._flush)
-        return future
+        self._outgoing.append(command)
+        if wait is None:
+            return future, future
+        # Each caller gets a future of its own: a cancelled caller cancels only its own.
+        acked = self._loop.create_future()
+        if self._batch_wait is None:
+            self._batch_wait = (wait, [])
+        self._batch_wait[1].append(acked)
+        return future, acked
 
     def close(self) -> None:
         self._abort(ConnectionResetError("the store was closed"))
 
     def _flush(self) -> None:
+        batch_wait, self._batch_wait = self._batch_wait, None
         if self._transport is not None and self._ended is None:
+            if batch_wait is not None:
+                wait, callers = batch_wait
+                shared = self._loop.create_future()
+                shared.add_done_callback(lambda done: _fan_out(done, callers))
+                self._waiting.append((shared, self._loop.time() + self._timeout))
+                self._outgoing.append(wait)
             self._transport.write(b"".join(self._outgoing))
+        elif batch_wait is not None:
+            _fail(batch_wait[1], self._ended or ConnectionResetError("not connected"))
         self._outgoing.clear()
 
     def _watch(self) -> None:
@@ -142,6 +193,27 @@ class _Connection(asyncio.Protocol):
             self._ended = reason
         if self._transport is not None:
             self._transport.abort()  # connection_lost fails whatever still waits
+
+
+def _fail(futures: list[asyncio.Future[Any]], reason: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(reason)
+
+
+def _fan_out(shared: asyncio.Future[Any], callers: list[asyncio.Future[Any]]) -> None:
+    """Pass one WAIT reply on to every caller that shares it."""
+    if shared.cancelled():
+        return _fail(callers, ConnectionResetError("the store was closed"))
+    error = shared.exception()
+    for future in callers:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(shared.result())
+    return None
 
 
 class PipelinedRedis:
@@ -180,6 +252,29 @@ class PipelinedRedis:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         return await self.execute("EVAL", script.source, 1, key, *args)
+
+    async def run_waited(
+        self, script: Script, key: str, args: tuple[Arg, ...], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        """Run ``script`` and, in the same write, ``WAIT replicas timeout_ms``; return the
+        script's reply and how many replicas acknowledged (0 when the WAIT failed)."""
+        wait = _pack(("WAIT", replicas, timeout_ms))
+        for command in (("EVALSHA", script.sha), ("EVAL", script.source)):
+            connection = self._connection
+            if connection is None or not connection.usable:
+                connection = await self._connect()
+            sent = connection.send_waited(_pack((*command, 1, key, *args)), wait)
+            results: Any = await asyncio.gather(*sent, return_exceptions=True)
+            reply, acked = results
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            return reply, acked if isinstance(acked, int) else 0
+        raise ReplyError("NOSCRIPT after EVAL")  # pragma: no cover - EVAL never answers it
+
+    async def replicas(self) -> int:
+        return connected_replicas(await self.execute("INFO", "replication"))
 
     async def delete(self, key: str) -> int:
         deleted: int = await self.execute("DEL", key)

@@ -54,5 +54,8 @@ class TimedStore:
     async def ping(self) -> None:
         await self._timed("ping", self.inner.ping())
 
+    async def ready(self) -> None:
+        await self._timed("ping", self.inner.ready())
+
     async def close(self) -> None:
         await self.inner.close()
