@@ -26,14 +26,17 @@ Rooms, one reason to change each:
   next. ``engine``, ``policy``, ``keys`` and ``problems`` import nothing that does I/O.
 - ``proxy``: the async shell around ``engine``; it awaits the client, the store, the upstream.
 - ``upstream``: talks to the upstream only; returns an ``Exchange`` or raises
-  ``UpstreamFailure``. ``http1`` is its lean HTTP/1.1 client (request serialisation beside
-  response parsing).
+  ``UpstreamFailure``. ``http1`` is its lean HTTP/1.1 client (sockets, pool, request
+  serialisation); ``response_parser`` parses answers without I/O (bytes in, events out).
 - ``answers``: talks to the client only; relays, buffered answers, replays, problem answers,
   WebSockets.
-- ``store/``: the only room that knows Redis. ``config``: YAML to frozen settings, errors with
-  field path and line. ``aiohttp_internals``: the only room that touches aiohttp's private
-  attributes (a canary test guards them). ``admin``, ``observability``, ``app``, ``server``,
-  ``cli`` and ``supervisor`` run and watch it.
+- ``store/``: the only room that knows Redis. ``settings``: the frozen settings the request
+  path reads; ``config/`` builds them from the policy file (``reader`` YAML with lines,
+  ``build`` the file model of ``model`` checked field by field, ``resolve`` defaults merged;
+  every default is in ``config.model``), with errors that carry field path and line.
+- ``aiohttp_internals``: the only room that touches aiohttp's private attributes (a canary
+  test guards them). ``admin``, ``observability``, ``app``, ``server``, ``cli`` and
+  ``supervisor`` run and watch it.
 """
 
 __version__ = "0.1.0"

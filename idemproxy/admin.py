@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from idemproxy.answers import problem_answer
-from idemproxy.config import StoreConfig
 from idemproxy.errors import ProblemError, StoreUnavailable
 from idemproxy.keys import store_key
 from idemproxy.observability import event
 from idemproxy.records import Record
+from idemproxy.settings import StoreConfig
 from idemproxy.store import NotReplicated, Store
 from idemproxy.units import redact
 

@@ -30,10 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from idemproxy.config import Concurrency, RoutePolicy
 from idemproxy.errors import ProblemError, UpstreamFailure
 from idemproxy.keys import KeyProblem, if_match_allows
 from idemproxy.records import IN_FLIGHT, UNREPLAYABLE, Record
+from idemproxy.settings import Concurrency, RoutePolicy
 
 WRITE_METHODS = frozenset({"PUT", "PATCH", "DELETE"})
 

@@ -16,7 +16,7 @@ from decimal import Decimal
 
 import msgspec
 
-from idemproxy.config import FingerprintPolicy, KeyPolicy
+from idemproxy.settings import FingerprintPolicy, KeyPolicy
 
 MAX_KEY_LENGTH = 255
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")

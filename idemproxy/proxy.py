@@ -28,7 +28,6 @@ from idemproxy.answers import (
     replay,
     send_continue,
 )
-from idemproxy.config import Concurrency, Limits, RoutePolicy
 from idemproxy.engine import FORWARD_UNPROTECTED, Refuse
 from idemproxy.errors import (
     AnswerCutShort,
@@ -42,6 +41,7 @@ from idemproxy.observability import Metrics, Trace, event
 from idemproxy.policy import Policy
 from idemproxy.problems import Outcome
 from idemproxy.records import StoredResponse, unusual_reason
+from idemproxy.settings import Concurrency, Limits, RoutePolicy
 from idemproxy.store import NotReplicated, Store
 from idemproxy.upstream import Upstream
 

@@ -1,6 +1,6 @@
 """JSON Schema (draft 2020-12) for the policy file, generated from the ``*File`` dataclasses.
 
-The schema is derived from the type hints of ``idemproxy.config.PolicyDocument`` and the
+The schema is derived from the type hints of ``idemproxy.config.model.PolicyDocument`` and the
 dataclasses it refers to, so it cannot drift from the model the loader uses. It checks the file
 as written (before ``${VAR}`` expansion); the loader's own checks go further (a route needs
 ``match.path``, durations must be greater than zero, ...).
@@ -25,7 +25,7 @@ import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from idemproxy.config import PolicyDocument
+from idemproxy.config.model import PolicyDocument
 
 SCHEMA_FILE = Path(__file__).with_name("policy.schema.json")
 SCHEMA_ID = "https://idemproxy.dev/schema/policy.json"

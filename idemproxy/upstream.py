@@ -27,7 +27,6 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from idemproxy.config import UpstreamConfig
 from idemproxy.errors import UpstreamFailure
 from idemproxy.http1 import (
     MAX_HEAD,
@@ -36,6 +35,7 @@ from idemproxy.http1 import (
     RawHeaders,
     serialise_request,
 )
+from idemproxy.settings import UpstreamConfig
 
 HOP_BY_HOP = frozenset(
     {

@@ -11,12 +11,12 @@ from conftest import run_cli
 from idemproxy.config import (
     Config,
     ConfigError,
-    ConfigProblem,
     Overrides,
     RoutePolicy,
     load,
     load_text,
 )
+from idemproxy.errors import ConfigProblem
 from idemproxy.policy import Policy
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"

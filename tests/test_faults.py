@@ -59,7 +59,7 @@ class ProxyProcess:
 
     async def ready(self, http: aiohttp.ClientSession) -> None:
         """Up when the proxy port itself answers (workers bind it after the supervisor)."""
-        for _ in range(150):
+        for _ in range(600):  # 60 s: generous, a loaded 2-core machine starts Python slowly
             try:
                 async with http.get(self.url + "/__probe") as response:
                     if response.status < 500:

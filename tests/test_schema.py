@@ -14,8 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from idemproxy import config
-from idemproxy.config import ConfigError, load_text, parse_json_pointer, parse_status
+from idemproxy.config import ConfigError, load_text, model, parse_json_pointer, parse_status
 from idemproxy.schema import (
     DESCRIPTIONS,
     PATTERNS,
@@ -36,7 +35,7 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 # Every dataclass of the policy file model: the document and the *File mappings under it.
 MODEL: list[type[Any]] = [
     cls
-    for name, cls in vars(config).items()
+    for name, cls in vars(model).items()
     if isinstance(cls, type)
     and dataclasses.is_dataclass(cls)
     and (name.endswith("File") or name == "PolicyDocument")
@@ -70,7 +69,7 @@ def test_schema_is_a_valid_draft_2020_12_schema() -> None:
 def test_every_model_field_is_in_the_schema() -> None:
     assert len(MODEL) == 11, [cls.__name__ for cls in MODEL]
     for cls in MODEL:
-        node = SCHEMA if cls is config.PolicyDocument else SCHEMA["$defs"][cls.__name__]
+        node = SCHEMA if cls is model.PolicyDocument else SCHEMA["$defs"][cls.__name__]
         expected = {yaml_name(spec) for spec in dataclasses.fields(cls)}
         assert set(node["properties"]) == expected, cls.__name__
         assert node["additionalProperties"] is False, cls.__name__

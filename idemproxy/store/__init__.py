@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from idemproxy.config import StoreConfig
+from idemproxy.settings import StoreConfig
 from idemproxy.store.base import NotReplicated, Store
 
 

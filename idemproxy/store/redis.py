@@ -25,7 +25,6 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 
-from idemproxy.config import StoreConfig
 from idemproxy.errors import StoreUnavailable
 from idemproxy.records import (
     COMPLETED,
@@ -36,6 +35,7 @@ from idemproxy.records import (
     decode_response,
     encode_response,
 )
+from idemproxy.settings import StoreConfig
 from idemproxy.store.base import NotReplicated
 from idemproxy.store.resp import (
     Arg,

@@ -1,0 +1,102 @@
+"""Step 1 of loading: YAML -> plain values, the line of every field path, ``${VAR}`` expanded."""
+
+from __future__ import annotations
+
+import re
+import typing
+
+import yaml
+
+from idemproxy.errors import ConfigProblem
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+class YamlReader:
+    def __init__(self, text: str, environ: typing.Mapping[str, str]) -> None:
+        self.text = text
+        self.environ = environ
+        self.lines: dict[str, int] = {}
+        self.problems: list[ConfigProblem] = []
+
+    def read(self) -> object:
+        try:
+            self.loader = yaml.SafeLoader(self.text)
+        except yaml.YAMLError as exc:  # e.g. a NUL or another character YAML does not allow
+            self.problems.append(ConfigProblem("", f"not valid YAML: {exc}"))
+            return None
+        try:
+            node = self.loader.get_single_node()
+        except RecursionError:
+            self.problems.append(ConfigProblem("", "not valid YAML: nested too deeply"))
+            return None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            problem = getattr(exc, "problem", None) or str(exc)
+            self.problems.append(ConfigProblem("", f"not valid YAML: {problem}", line))
+            return None
+        finally:
+            self.loader.dispose()
+        if node is None:
+            return {}
+        value = self._value(node, "")
+        return {} if value is None else value  # a document of just "---" or "~" is empty
+
+    def _value(self, node: yaml.Node, path: str) -> object:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        try:
+            return self._construct(node, path)
+        except RecursionError:
+            message = "nested too deeply (or an alias refers to itself)"
+            self.problems.append(ConfigProblem(path, message, node.start_mark.line + 1))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or node.start_mark
+            problem = getattr(exc, "problem", None) or str(exc)
+            self.problems.append(ConfigProblem(path, f"not valid here: {problem}", mark.line + 1))
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            # PyYAML's constructors raise these for e.g. `!!int abc` or a 5000-digit number.
+            message = f"cannot read this value ({type(exc).__name__})"
+            self.problems.append(ConfigProblem(path, message, node.start_mark.line + 1))
+        return None
+
+    def _construct(self, node: yaml.Node, path: str) -> object:
+        if isinstance(node, yaml.MappingNode):
+            self.loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+            result: dict[str, object] = {}
+            for key_node, value_node in node.value:
+                key = self.loader.construct_object(key_node)
+                if not isinstance(key, str):
+                    key = str(key)
+                child = f"{path}.{key}" if path else key
+                self.lines[child] = key_node.start_mark.line + 1
+                if key in result:
+                    self._problem(child, "duplicate field")
+                    continue
+                result[key] = self._value(value_node, child)
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self._value(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        value = self.loader.construct_object(node)
+        if isinstance(value, str) and "${" in value:
+            return self._expand(node, value, path)
+        return value
+
+    def _expand(self, node: yaml.Node, text: str, path: str) -> object:
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in self.environ and (default is None or self.environ[name] != ""):
+                return self.environ[name]
+            if default is not None:
+                return default
+            self._problem(path, f"environment variable {name} is not set (write ${{{name}:-}})")
+            return ""
+
+        expanded = ENV_REF.sub(substitute, text)
+        if getattr(node, "style", None) is None:  # a plain scalar: let YAML type the result
+            tag = self.loader.resolve(yaml.ScalarNode, expanded, (True, False))  # type: ignore[no-untyped-call]
+            return self.loader.construct_object(yaml.ScalarNode(tag, expanded))
+        return expanded
+
+    def _problem(self, path: str, message: str) -> None:
+        self.problems.append(ConfigProblem(path, message, self.lines.get(path)))
