@@ -250,7 +250,7 @@ class ProxyProcess:
             await asyncio.sleep(0.05)
 
     async def ready(self, http: aiohttp.ClientSession) -> None:
-        """Every process bound its port (one ``... started`` line each) and the port answers."""
+        """Every process bound the listen port (its ``... started`` line) and admin answers."""
         if self.workers > 1:
             await self.until(
                 lambda: len(self.events("idemproxy worker started")) >= self.workers,
