@@ -756,18 +756,43 @@ async def test_store_unreachable_fail_open_forwards_unprotected(make_proxy, upst
 # --- lease renewal -------------------------------------------------------------------------------
 
 
-async def test_lease_is_renewed_while_the_upstream_call_runs(make_proxy, upstream, http, store_url):
-    proxy = await make_proxy("defaults:\n  lock_ttl: 300ms\n", store=store_url)
-    slow = {"X-Test-Delay": "1.5"}
-    first = asyncio.create_task(send(http, proxy.url, headers=slow))
-    await wait_for_calls(upstream, 1)
-    await asyncio.sleep(0.5)  # past lock_ttl: without renewal the lease would be gone
-    early = await send(http, proxy.url, headers=slow)
-    await asyncio.sleep(0.5)
-    late = await send(http, proxy.url, headers=slow)
-    original = await bounded(first)
+async def test_lease_is_renewed_while_the_upstream_call_runs(http, store_url, prefix):
+    # Behaviour, not elapsed time: the upstream holds its answer until the test releases it, so
+    # duplicates sent after one and after two lock_ttls (the sleeps are lower bounds only) surely
+    # arrive while the original runs. Without renewal the lease would be gone and a duplicate
+    # would run; with it each is a 409. lock_ttl 1s (renewed every 333 ms) rather than 300 ms:
+    # a loaded machine may stall the renewing loop for a few hundred ms.
+    arrived, release = asyncio.Event(), asyncio.Event()
+    calls: list[bytes] = []
+
+    async def held(request: web.Request) -> web.Response:
+        calls.append(await request.read())
+        arrived.set()
+        await asyncio.wait_for(release.wait(), REQUEST_TIMEOUT)
+        return web.Response(status=201, body=b'{"held": %d}' % len(calls))
+
+    app = web.Application()
+    app.router.add_post("/orders", held)
+    server = TestServer(app, host=HOST, port=free_port())
+    await server.start_server()
+    upstream_url = f"http://{HOST}:{server.port}"
+    try:
+        async with own_proxy("defaults:\n  lock_ttl: 1s\n", upstream_url, store_url, prefix) as url:
+            first = asyncio.create_task(send(http, url))
+            await asyncio.wait_for(arrived.wait(), REQUEST_TIMEOUT)
+            await asyncio.sleep(1.2)  # past lock_ttl: without renewal the lease would be gone
+            early = await send(http, url)
+            await asyncio.sleep(1.0)  # past two lock_ttls
+            late = await send(http, url)
+            release.set()
+            original = await bounded(first)
+            replayed = await send(http, url)
+    finally:
+        release.set()
+        await server.close()
     assert_problem(early, 409, "request_in_progress")
     assert_problem(late, 409, "request_in_progress")
-    assert_fresh_upstream_answer(original, 1)
-    assert_replay_of(await send(http, proxy.url, headers=slow), original)
-    assert upstream.count() == 1
+    assert original.status == 201
+    assert original.body == b'{"held": 1}'
+    assert_replay_of(replayed, original)
+    assert len(calls) == 1

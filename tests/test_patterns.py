@@ -79,9 +79,13 @@ async def test_written_concurrency_reject_applies_to_derived_keys(
 ) -> None:
     proxy = await make_proxy(FORM % "10s" + "    concurrency: reject\n", store=store_url)
     url = proxy.url + "/forms/contact"
-    slow = asyncio.create_task(post(http, url, b"name=a", **{"X-Test-Delay": "0.5"}))
-    await asyncio.sleep(0.2)
-    status, headers, _ = await post(http, url, b"name=a", **{"X-Test-Delay": "0.5"})
+    slow = asyncio.create_task(post(http, url, b"name=a", **{"X-Test-Delay": "2"}))
+    for _ in range(500):  # until the upstream runs the first (it holds the lease), 5 s at most
+        if upstream.count():
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.count() == 1
+    status, headers, _ = await post(http, url, b"name=a", **{"X-Test-Delay": "2"})
     assert (await slow)[0] == 201
     assert status == 409
     assert headers["Retry-After"] == "1"

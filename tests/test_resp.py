@@ -348,9 +348,15 @@ async def test_frozen_redis_fails_within_bound_and_recovers(servers: Servers) ->
 
 
 async def concurrent_failures_are_bounded(store: RedisStore, callers: int) -> list[float]:
-    """Run ``callers`` pings at once; all must fail within one bound, not one after another."""
+    """Run ``callers`` pings at once; all must fail together, not one after another.
+
+    "Together" is judged by the spread of their failure times, not by elapsed time: callers
+    queued one after another would fail a whole STORE_TIMEOUT apart; callers sharing one bound
+    fail within milliseconds of each other, so half a STORE_TIMEOUT is a generous margin on a
+    loaded machine. The overall wait is a safety net only (longer than serial failures take).
+    """
     tasks = [asyncio.create_task(outcome(store.ping())) for _ in range(callers)]
-    done, pending = await asyncio.wait(tasks, timeout=2 * STORE_TIMEOUT + 1)
+    done, pending = await asyncio.wait(tasks, timeout=callers * STORE_TIMEOUT + ANSWER_BOUND)
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
@@ -358,6 +364,7 @@ async def concurrent_failures_are_bounded(store: RedisStore, callers: int) -> li
     assert not pending, f"{len(pending)} of {callers} callers still waiting; done at {finished}"
     for task in done:
         assert isinstance(task.result()[0], StoreUnavailable)
+    assert finished[-1] - finished[0] < STORE_TIMEOUT / 2, finished
     return finished
 
 
