@@ -26,7 +26,15 @@ from idemproxy.upstream import Upstream
 T = TypeVar("T")
 
 # Parts of a config that a reload cannot change in a running process.
-_NEEDS_RESTART = ("listen", "admin_listen", "admin_token", "upstream", "store", "shutdown_timeout")
+_NEEDS_RESTART = (
+    "listen",
+    "admin_listen",
+    "admin_token",
+    "upstream",
+    "store",
+    "shutdown_timeout",
+    "limits",  # the server's timeouts and bounds are set when it starts
+)
 
 
 def _bound(runner: web.BaseRunner) -> tuple[str, int]:
@@ -128,7 +136,15 @@ class ProxyServer:
         A request cancelled at the deadline settles its lease on the way out (see
         ``KeyedProxy._forward_holding_lease``), so no lease is left behind by a clean stop.
         """
-        await self._proxy.cleanup()
+        # aiohttp's own shutdown waits shutdown_timeout for a handler, then fails only its
+        # request body and waits as long again before it cancels: the deadline is kept here.
+        deadline = asyncio.get_running_loop().call_later(
+            self.config.shutdown_timeout, self.handler.cancel_in_flight
+        )
+        try:
+            await self._proxy.cleanup()
+        finally:
+            deadline.cancel()
         await self.handler.drain()
         if not self.worker:
             await self._admin.cleanup()

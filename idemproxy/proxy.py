@@ -134,10 +134,17 @@ class KeyedProxy:
         # Settlements retried in the background, with what each one is to settle.
         self._settling: dict[asyncio.Task[None], tuple[_Lease, StoredResponse | None, bool]] = {}
         self._keyed_in_flight = 0
+        # The tasks answering a request now: cancelled when shutdown_timeout runs out.
+        self._handling: set[asyncio.Task[object]] = set()
+        # Settlements of keyed requests cancelled mid-exchange: awaited before the store closes.
+        self._cut_off: set[asyncio.Task[web.StreamResponse]] = set()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace(request.method, request.path, time.monotonic())
         status = CLIENT_CLOSED_REQUEST  # cancelled: the client went away before its answer
+        task = asyncio.current_task()
+        if task is not None:
+            self._handling.add(task)
         try:
             try:
                 response = await self._dispatch(request, trace)
@@ -174,7 +181,22 @@ class KeyedProxy:
             log.exception("unexpected error while handling a request")
             raise
         finally:
+            if task is not None:
+                self._handling.discard(task)
             trace.finish(self.metrics, status)
+
+    def cancel_in_flight(self) -> None:
+        """``shutdown_timeout`` ran out: cancel every request still being answered. A keyed one
+        whose request may have been sent is settled like any ambiguous failure (``drain``
+        waits for that before the store closes)."""
+        if self._handling:
+            event(
+                "shutdown_timeout reached: cancelling the requests still in flight",
+                logging.WARNING,
+                requests=len(self._handling),
+            )
+        for task in list(self._handling):
+            task.cancel()
 
     def refused(self, request: web.BaseRequest, problem: ProblemError) -> None:
         """A request the HTTP parser refused before ``handle`` saw it: its access line."""
@@ -359,7 +381,10 @@ class KeyedProxy:
                 # Shutdown or a lost client while the request may have been sent: the outcome
                 # is unknown, so it is settled like any other ambiguous failure.
                 cancelled = UpstreamFailure("broken", "cancelled while waiting for upstream")
-                await asyncio.shield(self._failed(lease, cancelled))
+                settlement = asyncio.ensure_future(self._failed(lease, cancelled))
+                self._cut_off.add(settlement)
+                settlement.add_done_callback(self._cut_off.discard)
+                await asyncio.shield(settlement)
                 raise
             finally:
                 elapsed = time.monotonic() - started
@@ -479,8 +504,11 @@ class KeyedProxy:
         )
 
     async def drain(self) -> None:
-        """On shutdown: one last try for each settlement still being retried, then give up
-        (those leases expire after lock_ttl). Bounded by one store timeout in all."""
+        """On shutdown, before the store closes: the settlements of requests cut off at the
+        deadline finish, then one last try for each settlement still being retried, then give
+        up (those leases expire after lock_ttl). Bounded by two store timeouts in all."""
+        if self._cut_off:
+            await asyncio.wait(set(self._cut_off), timeout=_LAST_SETTLE_TIMEOUT)
         pending = dict(self._settling)
         for task in pending:
             task.cancel()

@@ -628,25 +628,19 @@ async def test_sigterm_waits_the_drain_time_then_exits_0(
     """README: SIGTERM lets in-flight requests finish within ``shutdown_timeout``, then exits 0;
     a request still waiting for the upstream when the drain time runs out is settled like any
     ambiguous failure. What holds: the request gets the whole drain time, the exit is 0, the
-    settlement is attempted as ``ambiguous: store`` says (``settled: stored``), and nothing
-    runs twice. Whether the settlement reaches the store is a race: see the xfails below."""
+    settlement is stored as ``ambiguous: store`` says before the store closes, so the retry is
+    its replay, and nothing runs twice."""
     cut = await cut_off_at_shutdown(
         tmp_path, redis_server, recorder, proxies, make_proxy, prefix, requests=1
     )
     assert cut.exit_code == 0
     assert cut.took >= DRAIN  # the request was given the whole drain time
     assert "idemproxy stopped" in [line["message"] for line in cut.log]
-    assert cut.retries[0].status in (502, 409)  # the replay of the 502, or the lease left
+    assert cut.retries[0].status == 502  # the replay of the stored 502, not a lease left (409)
     assert len(recorder.executions) == 1
     assert upstream.count() == 0  # the retry ran nothing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README untrue: aiohttp's RequestHandler.shutdown waits shutdown_timeout for the "
-    "handler, then cancels only the request body and waits shutdown_timeout again before it "
-    "cancels the handler: requests are cut off at 2 x shutdown_timeout",
-)
 async def test_sigterm_cuts_off_at_shutdown_timeout(
     tmp_path: Path,
     redis_server: RedisProcess,
@@ -663,12 +657,6 @@ async def test_sigterm_cuts_off_at_shutdown_timeout(
     assert cut.settled_after[0] < 1.5 * DRAIN, cut.settled_after
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: some runs settle every key, most leave some locked
-    reason="README untrue: ProxyServer.stop closes the store while the cancelled handlers' "
-    "settlements are still under way; a completion reaches Redis only if its command was "
-    "written before the close, else the lease stays until lock_ttl (retries get 409)",
-)
 async def test_sigterm_settles_every_request_cut_off_at_the_deadline(
     tmp_path: Path,
     redis_server: RedisProcess,
@@ -689,12 +677,6 @@ async def test_sigterm_settles_every_request_cut_off_at_the_deadline(
         assert_settled_as_ambiguous(retry)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README untrue with --workers: the supervisor waits shutdown_timeout + 5 s for its "
-    "workers, then SIGKILLs them, but a worker cuts off a held request only at 2 x "
-    "shutdown_timeout: for shutdown_timeout > 5 s (the default is 30 s) it exits 1",
-)
 async def test_workers_sigterm_with_a_request_held_past_the_deadline_exits_0(
     tmp_path: Path,
     redis_server: RedisProcess,
@@ -783,11 +765,6 @@ async def test_reload_names_settings_that_need_a_restart_and_keeps_their_old_val
     assert reloaded["needs_restart"] == ["upstream", "shutdown_timeout"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README untrue: a reload neither applies `limits` (KeyedProxy.limits and the "
-    "server's timeouts are built once) nor names it in needs_restart (_NEEDS_RESTART lacks it)",
-)
 async def test_reload_applies_limits_or_says_they_need_a_restart(
     tmp_path: Path,
     redis_server: RedisProcess,
