@@ -12,6 +12,7 @@ Loading happens in three steps, each collecting every problem instead of stoppin
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import re
 import types
@@ -50,6 +51,8 @@ HostPort = Annotated[str, "host:port"]
 StatusOrClass = Annotated[int | str, "status"]
 # An RFC 6901 JSON Pointer to a member of a JSON body, e.g. /meta/nonce.
 JsonPointer = Annotated[str, "json-pointer"]
+# A number from 0 to 1, e.g. the share of traces sampled.
+Ratio = Annotated[float, "ratio"]
 
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -152,6 +155,13 @@ class LimitsFile:
 
 
 @dataclass(frozen=True)
+class TracingFile:
+    endpoint: str | None = None
+    sample_ratio: Ratio | None = None
+    service_name: str | None = None
+
+
+@dataclass(frozen=True)
 class PolicyDocument:
     version: int | None = None
     listen: HostPort | None = None
@@ -162,6 +172,7 @@ class PolicyDocument:
     defaults: PolicyFile | None = None
     routes: list[RouteFile] | None = None
     limits: LimitsFile | None = None
+    tracing: TracingFile | None = None
 
 
 # --- the resolved config the proxy runs on --------------------------------------------------
@@ -243,6 +254,16 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry tracing as the policy writes it (idemproxy.tracing decides, at startup, with
+    the standard OTEL_* environment variables, whether it is on)."""
+
+    endpoint: str = ""  # the collector's OTLP/HTTP base URL; "": from OTEL_EXPORTER_OTLP_*
+    sample_ratio: float | None = None  # None: OTEL_TRACES_SAMPLER / _ARG, else every trace
+    service_name: str = ""  # "": OTEL_SERVICE_NAME, else idemproxy
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[str, int]
     admin_listen: tuple[str, int]
@@ -253,6 +274,7 @@ class Config:
     routes: tuple[RoutePolicy, ...]
     limits: Limits = Limits()
     source: str | None = None
+    tracing: TracingConfig = TracingConfig()
 
 
 BUILTIN_DEFAULTS = PolicyFile(
@@ -455,6 +477,7 @@ class _Builder:
             "host:port": parse_host_port,
             "status": parse_status,
             "json-pointer": parse_json_pointer,
+            "ratio": parse_ratio,
         }
         try:
             parsed = parser[marker](value)
@@ -504,6 +527,15 @@ def parse_status(value: object) -> int | str:
     if isinstance(value, str) and re.fullmatch(r"\dxx", value):
         raise ValueError(f"{value} is not an HTTP status class (1xx to 5xx)")
     raise ValueError(f"expected a status code like 503 or a class like 5xx, got {value!r}")
+
+
+def parse_ratio(value: object) -> float:
+    """A number from 0 to 1 (``tracing.sample_ratio``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number from 0 to 1, got {_kind(value)}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"expected a number from 0 to 1, got {value!r}")
+    return float(value)
 
 
 _MEMBER_POINTER = re.compile(r"(/([^~/]|~[01])*)+")
@@ -849,7 +881,61 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: _Builder, source: str | N
         ),
         routes=tuple(routes),
         source=source,
+        tracing=_tracing(doc.tracing or TracingFile(), b),
     )
+
+
+def _tracing(written: TracingFile, b: _Builder) -> TracingConfig:
+    endpoint = written.endpoint or ""
+    if endpoint:
+        error = _collector_url(endpoint)
+        if error:
+            b.problem("tracing.endpoint", error)
+        elif (missing := _missing_otel_distribution()) is not None:
+            # Asked for in the file: refuse to run without it rather than silently not tracing.
+            b.problem(
+                "tracing.endpoint",
+                f"tracing needs the otel extra ({missing} is not installed): "
+                "pip install 'idemproxy[otel]'",
+            )
+    if written.service_name is not None and not written.service_name.strip():
+        b.problem("tracing.service_name", "must not be empty; leave it out for the default")
+    return TracingConfig(
+        endpoint=endpoint.rstrip("/"),
+        sample_ratio=written.sample_ratio,
+        service_name=written.service_name or "",
+    )
+
+
+def _collector_url(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected the collector's http:// or https:// OTLP/HTTP URL, got {redact(url)!r}"
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return f"invalid port in {redact(url)!r}"
+    if parts.query or parts.fragment:
+        return "the collector URL must not have a query or fragment"
+    return None
+
+
+OTEL_DISTRIBUTIONS = (
+    "opentelemetry-api",
+    "opentelemetry-sdk",
+    "opentelemetry-exporter-otlp-proto-http",
+)
+
+
+def _missing_otel_distribution() -> str | None:
+    """The first distribution of the otel extra that is not installed (read from the installed
+    packages' metadata: nothing of OpenTelemetry is imported)."""
+    for name in OTEL_DISTRIBUTIONS:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return name
+    return None
 
 
 def _limits(written: LimitsFile, b: _Builder) -> Limits:
