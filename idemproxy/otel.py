@@ -219,8 +219,10 @@ class TracedStore:
 
     @contextlib.contextmanager
     def _span(self, operation: str) -> Iterator[trace.Span | None]:
-        if not trace.get_current_span().get_span_context().is_valid:
-            yield None  # no request around it (the admin's, or a shutdown's settlement)
+        if not trace.get_current_span().is_recording():
+            # No sampled request around it: an unsampled one (nothing would be exported), the
+            # admin's calls, or a settlement at shutdown.
+            yield None
             return
         with self._tracer.start_as_current_span(
             f"store.{operation}",

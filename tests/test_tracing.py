@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
@@ -540,10 +541,17 @@ async def test_sampling_from_the_policy_or_the_environment(
     http: aiohttp.ClientSession,
 ) -> None:
     """Ratio 0: new traces are not sampled (yet propagated), a client's sampled flag is
-    followed. The environment variant also turns tracing on by OTEL_EXPORTER_OTLP_ENDPOINT."""
+    followed. The environment variant also turns tracing on by OTEL_EXPORTER_OTLP_ENDPOINT; in
+    the policy variant the policy wins over the environment."""
     if how == "policy":
-        policy, service = f"tracing: {{endpoint: '{collector.endpoint}', sample_ratio: 0}}", None
-        env: dict[str, str] = {}
+        policy = f"""
+            tracing:
+              endpoint: {collector.endpoint}
+              sample_ratio: 0
+              service_name: from-the-policy
+        """
+        service = "from-the-policy"
+        env = {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_SERVICE_NAME": "not-this-one"}
     else:
         policy, service = "", "from-the-environment"
         env = {
@@ -565,7 +573,7 @@ async def test_sampling_from_the_policy_or_the_environment(
     unsampled_trace, _, flags = traced_upstream.calls("/a")[0].traceparent()
     assert int(flags, 16) & 1 == 0  # propagated, not sampled
     assert collector.trace(unsampled_trace) == []  # exported later than the sampled one: never
-    assert only(spans, kind=SERVER).resource["service.name"] == (service or "idemproxy")
+    assert only(spans, kind=SERVER).resource["service.name"] == service
     assert {line["trace_id"] for line in proxy.access_lines()} == {unsampled_trace, sampled_trace}
 
 
@@ -716,8 +724,6 @@ def test_run_refuses_an_endpoint_without_the_extra(tmp_path: Path) -> None:
         "c.OTEL_DISTRIBUTIONS = ('no-such-otel-distribution',); "
         "from idemproxy.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    import subprocess
-
     result = subprocess.run(
         [sys.executable, "-c", code, "run", "-c", str(policy), "--upstream", "http://127.0.0.1:1"],
         capture_output=True,
