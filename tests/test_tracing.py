@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from idemproxy import config as config_module
 from idemproxy.config import ConfigError, TracingConfig, load_text
 from idemproxy.tracing import NOOP, start_tracing
-from tests.conftest import HOST, free_port
+from tests.conftest import HOST, RedisProcess, free_port
 
 SERVER, CLIENT, INTERNAL = (
     ProtoSpan.SPAN_KIND_SERVER,
@@ -246,7 +247,11 @@ class ProxyProcess:
 
 @contextlib.asynccontextmanager
 async def run_proxy(
-    tmp_path: Path, upstream: str, policy: str = "", env: dict[str, str] | None = None
+    tmp_path: Path,
+    upstream: str,
+    policy: str = "",
+    env: dict[str, str] | None = None,
+    *flags: str,
 ) -> AsyncIterator[ProxyProcess]:
     """``idemproxy run`` with ``policy`` in front of ``upstream``, ready to take requests."""
     policy_file = tmp_path / f"policy-{free_port()}.yaml"
@@ -257,7 +262,7 @@ async def run_proxy(
         process = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "idemproxy", "run", "-c", str(policy_file)),
             *("--upstream", upstream, "--listen", f"{HOST}:{listen}"),
-            *("--admin", f"{HOST}:{admin}"),
+            *("--admin", f"{HOST}:{admin}", *flags),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
             env=_environment(**(env or {})),
@@ -575,6 +580,35 @@ async def test_sampling_from_the_policy_or_the_environment(
     assert collector.trace(unsampled_trace) == []  # exported later than the sampled one: never
     assert only(spans, kind=SERVER).resource["service.name"] == service
     assert {line["trace_id"] for line in proxy.access_lines()} == {unsampled_trace, sampled_trace}
+
+
+async def test_every_worker_exports_its_spans(
+    tmp_path: Path,
+    collector: Collector,
+    traced_upstream: TracedUpstream,
+    http: aiohttp.ClientSession,
+    redis_server: RedisProcess,
+) -> None:
+    policy = f"tracing: {{endpoint: '{collector.endpoint}'}}\n"
+    flags = ("--workers", "2", "--store", redis_server.url)
+    async with run_proxy(tmp_path, traced_upstream.url, policy, None, *flags) as proxy:
+        await _until(lambda: len(listening(proxy)) == 2)
+        for n in range(20):  # spread over both workers by the kernel (SO_REUSEPORT)
+            async with aiohttp.ClientSession() as fresh:  # a new connection each time
+                headers = {"Idempotency-Key": f"workers-{uuid.uuid4().hex}"}
+                async with fresh.post(f"{proxy.url}/orders", data=b"{}", headers=headers) as r:
+                    assert r.status == 201, n
+        calls = traced_upstream.calls("/orders")
+        for call in calls:
+            trace_id, parent_id, _ = call.traceparent()
+            spans = await collector.wait_for_trace(trace_id, {"POST /**", "store.complete"})
+            assert only(spans, kind=CLIENT).span_id == parent_id
+        code, _ = await proxy.terminate()
+        assert code == 0
+
+
+def listening(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    return [line for line in proxy.log_lines() if line["message"] == "idemproxy worker started"]
 
 
 # --- off unless configured -----------------------------------------------------------------
