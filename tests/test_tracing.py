@@ -429,8 +429,10 @@ async def test_every_upstream_path_carries_the_proxys_span_and_a_trace_starts_wi
 ) -> None:
     policy = KEYED_POLICY.format(endpoint=collector.endpoint)
     async with run_proxy(tmp_path, traced_upstream.url, policy) as proxy:
-        # No traceparent from the client: the proxy starts the trace.
-        async with http.get(f"{proxy.url}/catalog") as r:  # pass-through, the lean client
+        # No valid traceparent from the client: the proxy starts the trace, and the upstream
+        # gets the proxy's traceparent only.
+        garbage = {"traceparent": "00-not-a-trace", "tracestate": "vendor=ignored"}
+        async with http.get(f"{proxy.url}/catalog", headers=garbage) as r:  # the lean client
             assert r.status == 200
 
         # A body streamed through aiohttp's client (pass-through POST with a body).
@@ -469,6 +471,7 @@ async def test_every_upstream_path_carries_the_proxys_span_and_a_trace_starts_wi
         patch_server = only(collector.trace(patch_trace), kind=SERVER)
         assert patch_server.name == "PATCH /articles/{id}"
         assert patch_server.attributes["url.path"] == "/articles/1"
+        assert traced_upstream.calls("/catalog")[0].all("tracestate") == []
         code, _ = await proxy.terminate()
         assert code == 0
 
