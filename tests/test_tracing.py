@@ -774,6 +774,25 @@ def test_run_refuses_an_endpoint_without_the_extra(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+async def test_spans_still_queued_at_sigterm_are_exported(
+    tmp_path: Path,
+    collector: Collector,
+    traced_upstream: TracedUpstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "60000"}  # nothing leaves before the shutdown
+    policy = f"tracing: {{endpoint: '{collector.endpoint}'}}\n"
+    async with run_proxy(tmp_path, traced_upstream.url, policy, env) as proxy:
+        async with http.post(f"{proxy.url}/orders", data=b"{}") as r:
+            assert r.status == 201
+        assert collector.spans == []
+        code, _ = await proxy.terminate()
+        assert code == 0
+    (call,) = traced_upstream.calls("/orders")
+    trace_id, _, _ = call.traceparent()
+    assert {s.name for s in collector.trace(trace_id)} == {"POST /**", "POST"}
+
+
 # --- the collector down --------------------------------------------------------------------
 
 
