@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
@@ -20,8 +21,8 @@ from idemproxy.proxy import KeyedProxy
 from idemproxy.server import HeadTimeoutServer
 from idemproxy.store import open_store
 from idemproxy.store.timed import TimedStore
+from idemproxy.tracing import start_tracing
 from idemproxy.units import redact
-from idemproxy.upstream import Upstream
 
 T = TypeVar("T")
 
@@ -34,7 +35,9 @@ _NEEDS_RESTART = (
     "store",
     "shutdown_timeout",
     "limits",  # the server's timeouts and bounds are set when it starts
+    "tracing",
 )
+_LAST_EXPORT = 2.0  # shutdown: the longest the last spans may take to export (collector down)
 
 
 def _bound(runner: web.BaseRunner) -> tuple[str, int]:
@@ -51,6 +54,7 @@ class ProxyServer:
         self.config = config
         self.worker = worker
         self.metrics = Metrics()
+        self.tracer = start_tracing(config.tracing)  # the no-op one unless tracing is configured
         self.store = TimedStore(
             open_store(
                 config.store,
@@ -59,15 +63,16 @@ class ProxyServer:
             ),
             self.metrics.store_duration,
         )
-        self.upstream = Upstream(config.upstream)
+        self.upstream = self.tracer.upstream(config.upstream)
         self.handler = KeyedProxy(
             Policy(config.routes),
-            self.store,
+            self.tracer.store(self.store),
             self.upstream,
             config.store.key_prefix,
             fail_open=config.store.on_error == "fail_open",
             metrics=self.metrics,
             limits=config.limits,
+            tracer=self.tracer,
         )
         # auto_decompress=False: request bodies go upstream exactly as the client encoded them.
         limits = config.limits
@@ -136,6 +141,7 @@ class ProxyServer:
         A request cancelled at the deadline settles its lease on the way out (see
         ``KeyedProxy._forward_holding_lease``), so no lease is left behind by a clean stop.
         """
+        stopping = time.monotonic()
         # aiohttp's own shutdown waits shutdown_timeout for a handler, then fails only its
         # request body and waits as long again before it cancels: the deadline is kept here.
         deadline = asyncio.get_running_loop().call_later(
@@ -150,6 +156,8 @@ class ProxyServer:
             await self._admin.cleanup()
         await self.upstream.close()
         await self.store.close()
+        left = self.config.shutdown_timeout - (time.monotonic() - stopping)
+        await self.tracer.shutdown(min(_LAST_EXPORT, max(left, 0.0)))
 
 
 def _reload(server: ProxyServer, path: str | None, flags: Overrides) -> None:

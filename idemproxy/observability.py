@@ -158,6 +158,8 @@ class Trace:
     route: str = UNMATCHED
     outcome: Outcome = Outcome.PASSTHROUGH
     key_hash: str | None = None
+    route_path: str | None = None  # the matched route's pattern (tracing's http.route)
+    trace_id: str | None = None  # with tracing on: the request's trace, in the access line
 
     def finish(self, metrics: Metrics, status: int) -> None:
         duration = time.monotonic() - self.started
@@ -170,7 +172,7 @@ class Trace:
             access_log.info("request", extra={"fields": self.fields(status, duration)})
 
     def fields(self, status: int, duration: float) -> dict[str, Any]:
-        return {
+        fields = {
             "method": self.method,
             "path": self.path,
             "route": self.route,
@@ -179,6 +181,9 @@ class Trace:
             "duration_ms": round(duration * 1000, 3),
             "key_hash": self.key_hash,
         }
+        if self.trace_id is not None:
+            fields["trace_id"] = self.trace_id
+        return fields
 
 
 _json_line = msgspec.json.Encoder(enc_hook=str)
@@ -286,6 +291,20 @@ def flush_access_log() -> None:
         _direct_access_log.flush()
 
 
+# With tracing on (idemproxy.otel): the id of the trace of the request being handled, if any.
+_current_trace_id: Callable[[], str | None] | None = None
+
+
+def set_trace_id_source(source: Callable[[], str | None] | None) -> None:
+    """Event lines logged while a request is traced carry its ``trace_id`` from ``source``."""
+    global _current_trace_id
+    _current_trace_id = source
+
+
 def event(message: str, level: int = logging.INFO, **fields: Any) -> None:
     """A startup / shutdown / reload / store-error event as one log line."""
+    if _current_trace_id is not None and "trace_id" not in fields:
+        trace_id = _current_trace_id()
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
     event_log.log(level, message, extra={"fields": fields})

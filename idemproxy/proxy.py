@@ -43,6 +43,7 @@ from idemproxy.problems import Outcome
 from idemproxy.records import StoredResponse, unusual_reason
 from idemproxy.settings import Concurrency, Limits, RoutePolicy
 from idemproxy.store import NotReplicated, Store
+from idemproxy.tracing import NOOP, Span, Tracer
 from idemproxy.upstream import Upstream
 
 log = logging.getLogger("idemproxy")
@@ -123,6 +124,7 @@ class KeyedProxy:
         fail_open: bool,
         metrics: Metrics,
         limits: Limits,
+        tracer: Tracer = NOOP,
     ) -> None:
         self.policy = policy
         self.store = store
@@ -131,6 +133,7 @@ class KeyedProxy:
         self.fail_open = fail_open
         self.metrics = metrics
         self.limits = limits
+        self.tracer = tracer
         # Settlements retried in the background, with what each one is to settle.
         self._settling: dict[asyncio.Task[None], tuple[_Lease, StoredResponse | None, bool]] = {}
         self._keyed_in_flight = 0
@@ -141,6 +144,7 @@ class KeyedProxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace(request.method, request.path, time.monotonic())
+        span = self.tracer.request(request, trace)
         status = CLIENT_CLOSED_REQUEST  # cancelled: the client went away before its answer
         task = asyncio.current_task()
         if task is not None:
@@ -184,6 +188,7 @@ class KeyedProxy:
             if task is not None:
                 self._handling.discard(task)
             trace.finish(self.metrics, status)
+            span.finish(trace, status)
 
     def cancel_in_flight(self) -> None:
         """``shutdown_timeout`` ran out: cancel every request still being answered. A keyed one
@@ -215,6 +220,7 @@ class KeyedProxy:
         if route is None:
             return await self._passthrough(request, trace)
         trace.route = route.label
+        trace.route_path = route.path
         _refuse_if(engine.preconditions(route, request.method, hdrs.IF_MATCH in request.headers))
         if not route.keyed:
             await self._check_etag(request, route)
@@ -330,22 +336,31 @@ class KeyedProxy:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + lease.route.wait_timeout
         delay = _FIRST_POLL
-        while True:
-            existing = await self.store.acquire(
-                lease.key, lease.fingerprint, lease.token, lease.route.lock_ttl
-            )
-            if existing is None:
-                return None
-            may_wait = loop.time() + delay <= deadline
-            verdict = engine.on_existing(existing, lease.fingerprint, lease.concurrency, may_wait)
-            if isinstance(verdict, Refuse):
-                raise verdict.error()
-            if verdict == "replay":
-                assert existing.response is not None
-                lease.trace.outcome = Outcome.REPLAYED
-                return replay(existing.response, lease.route.replay_status)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _MAX_POLL)
+        waiting: Span | None = None  # the wait's span, from its first poll on
+        try:
+            while True:
+                existing = await self.store.acquire(
+                    lease.key, lease.fingerprint, lease.token, lease.route.lock_ttl
+                )
+                if existing is None:
+                    return None
+                may_wait = loop.time() + delay <= deadline
+                verdict = engine.on_existing(
+                    existing, lease.fingerprint, lease.concurrency, may_wait
+                )
+                if isinstance(verdict, Refuse):
+                    raise verdict.error()
+                if verdict == "replay":
+                    assert existing.response is not None
+                    lease.trace.outcome = Outcome.REPLAYED
+                    return replay(existing.response, lease.route.replay_status)
+                if waiting is None:
+                    waiting = self.tracer.start_span("wait")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_POLL)
+        finally:
+            if waiting is not None:
+                waiting.end()
 
     async def _store_down(
         self, request: web.BaseRequest, trace: Trace, body: bytes, exc: StoreUnavailable

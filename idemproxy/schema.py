@@ -112,6 +112,14 @@ DESCRIPTIONS = {
     "RouteFile.name": "The route's label in metrics and logs (else its pattern).",
     "RouteFile.match": "Which requests the route applies to; methods default to [POST, PATCH].",
     "RouteFile.idempotency": "false (or a bare off): pass through.",
+    "PolicyDocument.tracing": "OpenTelemetry tracing (the otel extra); on when an endpoint is "
+    "set here or in OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT.",
+    "TracingFile.endpoint": "The collector's OTLP/HTTP base URL, e.g. http://127.0.0.1:4318; "
+    "spans go to its /v1/traces. Needs the otel extra.",
+    "TracingFile.sample_ratio": "Share of new traces sampled, 0 to 1; a client's sampled flag "
+    "is followed. Else OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, else every trace.",
+    "TracingFile.service_name": "service.name of the spans; else OTEL_SERVICE_NAME, "
+    "else idemproxy.",
 }
 
 
@@ -192,6 +200,8 @@ def _type(hint: Any, defs: dict[str, Any]) -> dict[str, Any]:
         return _any_of(*options)
     if origin is Annotated:
         marker = get_args(hint)[1]
+        if marker == "ratio":
+            return _any_of({"type": "number", "minimum": 0, "maximum": 1}, ENV)
         string = {"type": "string", "pattern": PATTERNS[marker]}
         if marker == "size":
             return _any_of(string, {"type": "integer", "minimum": 0}, INTEGER, ENV)

@@ -98,6 +98,16 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry tracing as the policy writes it (idemproxy.tracing decides, at startup, with
+    the standard OTEL_* environment variables, whether it is on)."""
+
+    endpoint: str = ""  # the collector's OTLP/HTTP base URL; "": from OTEL_EXPORTER_OTLP_*
+    sample_ratio: float | None = None  # None: OTEL_TRACES_SAMPLER / _ARG, else every trace
+    service_name: str = ""  # "": OTEL_SERVICE_NAME, else idemproxy
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[str, int]
     admin_listen: tuple[str, int]
@@ -108,3 +118,4 @@ class Config:
     routes: tuple[RoutePolicy, ...]
     limits: Limits = Limits()
     source: str | None = None
+    tracing: TracingConfig = TracingConfig()

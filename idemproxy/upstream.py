@@ -203,17 +203,22 @@ class Upstream:
     def url(self, request: web.BaseRequest) -> URL:
         return URL(self.base + request.raw_path, encoded=True)
 
+    def forwarded(self, request: web.BaseRequest, drop_length: bool) -> RawHeaders:
+        """The headers both clients send: ``forwarded_headers`` without ``Expect`` (the proxy
+        answers it). Tracing (``idemproxy.otel``) puts its ``traceparent`` in here."""
+        return forwarded_headers(request, drop_length, (b"expect",))
+
     def request_headers(self, request: web.BaseRequest, drop_length: bool) -> CIMultiDict[str]:
-        """``forwarded_headers`` for aiohttp's client."""
+        """``forwarded`` for aiohttp's client."""
         return CIMultiDict(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in forwarded_headers(request, drop_length, (b"expect",))
+            for name, value in self.forwarded(request, drop_length)
         )
 
     def _serialised(self, request: web.BaseRequest, body: bytes) -> bytes:
         """The whole HTTP/1.1 request for the lean client: the client's header bytes as they
         came (minus hop-by-hop and framing headers), a Content-Length, then ``body``."""
-        headers = forwarded_headers(request, drop_length=True, extra_dropped=(b"expect",))
+        headers = self.forwarded(request, drop_length=True)
         if request.headers.get(hdrs.HOST) is None:
             headers.append((b"Host", self._lean.host_header))
         if body or request.body_exists or request.method in _BODY_METHODS:

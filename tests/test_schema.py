@@ -67,7 +67,7 @@ def test_schema_is_a_valid_draft_2020_12_schema() -> None:
 
 
 def test_every_model_field_is_in_the_schema() -> None:
-    assert len(MODEL) == 11, [cls.__name__ for cls in MODEL]
+    assert len(MODEL) == 12, [cls.__name__ for cls in MODEL]
     for cls in MODEL:
         node = SCHEMA if cls is model.PolicyDocument else SCHEMA["$defs"][cls.__name__]
         expected = {yaml_name(spec) for spec in dataclasses.fields(cls)}
@@ -128,6 +128,9 @@ ACCEPTED = {
     "yaml-1.1-spellings": "defaults: {key: {required: yes}}\nlimits: {max_in_flight: 1_000}\n",
     "status-classes": "defaults: {release_statuses: [4xx, 503]}\n",
     "fingerprint-ignore": "defaults: {fingerprint: {ignore: [/sent_at, /meta/nonce, /a~1b/0]}}\n",
+    "tracing": "tracing: {endpoint: 'http://127.0.0.1:4318', sample_ratio: 0.25, service_name: a}",
+    "tracing-ratio-integer": "tracing: {sample_ratio: 1}\n",
+    "tracing-env": "tracing:\n  sample_ratio: ${RATIO:-0.5}\n",
 }
 
 
@@ -179,6 +182,11 @@ REJECTED = {
         ["defaults", "fingerprint", "ignore", 0],
     ),
     "boolean-word": ("defaults: {key: {required: maybe}}", ["defaults", "key", "required"]),
+    "ratio-above-1": ("tracing: {sample_ratio: 1.5}", ["tracing", "sample_ratio"]),
+    "ratio-negative": ("tracing: {sample_ratio: -0.1}", ["tracing", "sample_ratio"]),
+    "ratio-word": ("tracing: {sample_ratio: half}", ["tracing", "sample_ratio"]),
+    "ratio-boolean": ("tracing: {sample_ratio: true}", ["tracing", "sample_ratio"]),
+    "tracing-unknown-field": ("tracing: {endpoints: x}", ["tracing"]),
 }
 
 

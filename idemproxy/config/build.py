@@ -84,6 +84,7 @@ class Builder:
             "host:port": parse_host_port,
             "status": parse_status,
             "json-pointer": parse_json_pointer,
+            "ratio": parse_ratio,
         }
         try:
             parsed = parser[marker](value)
@@ -133,6 +134,15 @@ def parse_status(value: object) -> int | str:
     if isinstance(value, str) and re.fullmatch(r"\dxx", value):
         raise ValueError(f"{value} is not an HTTP status class (1xx to 5xx)")
     raise ValueError(f"expected a status code like 503 or a class like 5xx, got {value!r}")
+
+
+def parse_ratio(value: object) -> float:
+    """A number from 0 to 1 (``tracing.sample_ratio``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number from 0 to 1, got {kind_of(value)}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"expected a number from 0 to 1, got {value!r}")
+    return float(value)
 
 
 _MEMBER_POINTER = re.compile(r"(/([^~/]|~[01])*)+")

@@ -27,6 +27,8 @@ HostPort = Annotated[str, "host:port"]
 StatusOrClass = Annotated[int | str, "status"]
 # An RFC 6901 JSON Pointer to a member of a JSON body, e.g. /meta/nonce.
 JsonPointer = Annotated[str, "json-pointer"]
+# A number from 0 to 1, e.g. the share of traces sampled.
+Ratio = Annotated[float, "ratio"]
 
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -129,6 +131,13 @@ class LimitsFile:
 
 
 @dataclass(frozen=True)
+class TracingFile:
+    endpoint: str | None = None
+    sample_ratio: Ratio | None = None
+    service_name: str | None = None
+
+
+@dataclass(frozen=True)
 class PolicyDocument:
     version: int | None = None
     listen: HostPort | None = None
@@ -139,6 +148,7 @@ class PolicyDocument:
     defaults: PolicyFile | None = None
     routes: list[RouteFile] | None = None
     limits: LimitsFile | None = None
+    tracing: TracingFile | None = None
 
 
 # --- every default of the file, in one place (the limits' are settings.Limits' fields) --------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import inspect
 import os
 import re
@@ -28,6 +29,7 @@ from idemproxy.config.model import (
     PolicyFile,
     RouteFile,
     StoreFile,
+    TracingFile,
     UpstreamFile,
 )
 from idemproxy.config.reader import YamlReader
@@ -41,6 +43,7 @@ from idemproxy.settings import (
     RoutePolicy,
     StoreConfig,
     StoreMode,
+    TracingConfig,
     UpstreamConfig,
 )
 from idemproxy.units import is_loopback, is_token, parse_host_port, redact
@@ -383,7 +386,61 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: Builder, source: str | No
         ),
         routes=tuple(routes),
         source=source,
+        tracing=_tracing(doc.tracing or TracingFile(), b),
     )
+
+
+def _tracing(written: TracingFile, b: Builder) -> TracingConfig:
+    endpoint = written.endpoint or ""
+    if endpoint:
+        error = _collector_url(endpoint)
+        if error:
+            b.problem("tracing.endpoint", error)
+        elif (missing := _missing_otel_distribution()) is not None:
+            # Asked for in the file: refuse to run without it rather than silently not tracing.
+            b.problem(
+                "tracing.endpoint",
+                f"tracing needs the otel extra ({missing} is not installed): "
+                "pip install 'idemproxy[otel]'",
+            )
+    if written.service_name is not None and not written.service_name.strip():
+        b.problem("tracing.service_name", "must not be empty; leave it out for the default")
+    return TracingConfig(
+        endpoint=endpoint.rstrip("/"),
+        sample_ratio=written.sample_ratio,
+        service_name=written.service_name or "",
+    )
+
+
+def _collector_url(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected the collector's http:// or https:// OTLP/HTTP URL, got {redact(url)!r}"
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return f"invalid port in {redact(url)!r}"
+    if parts.query or parts.fragment:
+        return "the collector URL must not have a query or fragment"
+    return None
+
+
+OTEL_DISTRIBUTIONS = (
+    "opentelemetry-api",
+    "opentelemetry-sdk",
+    "opentelemetry-exporter-otlp-proto-http",
+)
+
+
+def _missing_otel_distribution() -> str | None:
+    """The first distribution of the otel extra that is not installed (read from the installed
+    packages' metadata: nothing of OpenTelemetry is imported)."""
+    for name in OTEL_DISTRIBUTIONS:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return name
+    return None
 
 
 T = typing.TypeVar("T")
