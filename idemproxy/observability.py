@@ -85,6 +85,17 @@ class Metrics:
             "Completions answered before store.wait_replicas replicas acknowledged them.",
             registry=self.registry,
         )
+        self.leases_lost = Counter(
+            "idemproxy_leases_lost",
+            "Leases found gone when their request settled (expired or taken while it ran).",
+            registry=self.registry,
+        )
+        self.fail_open = Counter(
+            "idemproxy_fail_open",
+            "Keyed requests forwarded unprotected because the store was unavailable "
+            "(store.on_error: fail_open).",
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, Outcome], Counter] = {}
         self._upstream_children: dict[str, Histogram] = {}
         self.locks_in_flight = Gauge(

@@ -370,6 +370,7 @@ class KeyedProxy:
             event("store unavailable, refusing a keyed request", logging.WARNING, error=str(exc))
             raise decision.error()
         event("store unavailable, forwarding unprotected", logging.WARNING, error=str(exc))
+        self.metrics.fail_open.inc()
         response = await self._passthrough(request, trace, body)
         trace.outcome = Outcome.STORE_ERROR
         return response
@@ -537,6 +538,7 @@ class KeyedProxy:
             event("store unavailable at shutdown; leases left expire after lock_ttl")
 
     def _lease_lost(self, lease: _Lease) -> None:
+        self.metrics.leases_lost.inc()
         event(
             "lease lost before the response could be recorded",
             logging.WARNING,

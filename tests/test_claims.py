@@ -721,10 +721,13 @@ async def test_fail_open_forwards_and_counts_the_request_as_store_error(
         await proxy.ready(http)
         answers = [await post(http, proxy.url, "open") for _ in range(2)]
         metrics = await requests_total(http, proxy)
+        async with http.get(proxy.admin_url + "/metrics") as response:
+            exposition = (await response.text()).splitlines()
     assert [a.status for a in answers] == [201, 201]
     assert not any(a.replayed for a in answers)
     assert recorder.per_key() == {"open": 2}  # forwarded, unprotected: it ran twice
     assert metrics == {"store_error": 2}
+    assert "idemproxy_fail_open_total 2.0" in exposition  # the dashboard and alert read it
     assert len(proxy.events("store unavailable, forwarding unprotected")) == 2
 
 

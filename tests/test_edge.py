@@ -503,3 +503,29 @@ async def test_a_request_the_parser_refuses_gets_a_problem_that_echoes_nothing(
     logged = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
     assert "s3cr3t" not in logged
     assert not [r for r in caplog.records if r.exc_info]
+
+
+# --- counted for the dashboard and the alerts ------------------------------------------------
+
+
+async def test_a_lease_lost_while_its_request_ran_is_counted(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """An operator purges the key while its request runs: the completion finds the lease gone,
+    the client still gets its answer, and idemproxy_leases_lost_total counts it."""
+    proxy = await make_proxy(KEYED + "admin: {token: lease-test-token}\n")
+    headers = {"Idempotency-Key": "lost", "X-Test-Delay": "1"}
+    answer = asyncio.ensure_future(http.post(proxy.url + "/orders", data=b"{}", headers=headers))
+    for _ in range(int(BOUND / 0.02)):
+        if upstream.count():
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.count() == 1, "the request never reached the upstream"
+    purge = {"Authorization": "Bearer lease-test-token"}
+    async with http.delete(proxy.admin_url + "/keys/lost", headers=purge) as response:
+        assert response.status == 204
+    async with await asyncio.wait_for(answer, BOUND) as response:
+        assert response.status == 201
+    metrics = await _metrics(http, proxy)
+    assert "idemproxy_leases_lost_total 1.0" in metrics.splitlines()
+    assert "idemproxy_fail_open_total 0.0" in metrics.splitlines()

@@ -57,19 +57,14 @@ needs_prometheus = pytest.mark.skipif(
 # Metrics the dashboard and the rules use that this idemproxy may not export yet, with the
 # reason. While one is absent from /metrics, an expression on it must come back empty (and is
 # reported); once idemproxy exports it, its expressions are held to the same rules as the rest.
-NOT_YET_EXPORTED = {
-    "idemproxy_store_unreplicated_total": (
-        "SPEC section 7 (store.wait_replicas): being added in parallel; the dashboard's "
-        "'Unreplicated completions' panel and the IdemproxyUnreplicatedCompletions alert wait "
-        "for it"
-    ),
-}
+NOT_YET_EXPORTED: dict[str, str] = {}
 
 # Alert expressions whose condition the traffic below legitimately does not create: they must
 # be a valid, empty vector. (Each of their metric selectors must still return data.)
 EXPECTED_EMPTY = {
     "IdemproxyLocksPilingUp": "at most one lease is held at a time here, far below 256",
     "IdemproxyUnreplicatedCompletions": "no store.wait_replicas is configured: nothing to miss",
+    "IdemproxyLeaseLost": "every lease here is held until its request settles",
 }
 
 
@@ -568,6 +563,7 @@ async def test_every_dashboard_and_rule_expression_returns_data_on_a_real_promet
 
         assert instances("IdemproxyTargetDown") == {dead}
         assert instances("IdemproxyStoreErrors") == {fail_open}
+        assert instances("IdemproxyFailOpenForwarding") == {fail_open}
         assert [s["metric"] for s in rule_results["IdemproxyHighErrorRatio"]] == [
             {"job": "idemproxy"}
         ]
@@ -587,6 +583,7 @@ async def test_every_dashboard_and_rule_expression_returns_data_on_a_real_promet
             return all(rule["health"] == "ok" for rule in loaded) and active == {
                 ("IdemproxyTargetDown", dead),
                 ("IdemproxyStoreErrors", fail_open),
+                ("IdemproxyFailOpenForwarding", fail_open),
                 ("IdemproxyHighErrorRatio", ""),
             }
 
