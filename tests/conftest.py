@@ -8,12 +8,14 @@ loopback port, and proxies are ``ProxyServer`` instances listening on free loopb
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,6 +31,73 @@ from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
 
 HOST = "127.0.0.1"
+
+# --- an event loop that blocks fails its test ------------------------------------------------
+
+# How long the loop may be unresponsive before the test fails. Generous: a loaded 2-core machine
+# delays a responsive loop by tens of milliseconds; a blocking call (time.sleep, a synchronous
+# subprocess.run, a blocking socket) holds it for as long as the call takes.
+LOOP_BLOCK_LIMIT = 1.0
+
+
+class LoopWatchdog:
+    """A thread that asks the loop to run a no-op every 50 ms and records the longest wait.
+
+    aiohttp's own test suite fails tests whose loop blocks (it runs them in debug mode); this
+    needs no debug mode, so it changes nothing else about the test.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            answered = threading.Event()
+            asked = time.monotonic()
+            try:
+                self.loop.call_soon_threadsafe(answered.set)
+            except RuntimeError:  # the loop closed
+                return
+            while not answered.wait(0.05):
+                if self._stop.is_set():
+                    return
+            self.longest = max(self.longest, time.monotonic() - asked)
+
+    def __enter__(self) -> LoopWatchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(1)
+
+
+@pytest.fixture
+async def loop_never_blocks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Added to every coroutine test (``pytest_collection_modifyitems``): the test fails when its
+    event loop was unresponsive for longer than ``LOOP_BLOCK_LIMIT``. A test that blocks on
+    purpose says so with ``@pytest.mark.blocks_loop("why")``."""
+    with LoopWatchdog(asyncio.get_running_loop()) as watchdog:
+        yield
+    if watchdog.longest > LOOP_BLOCK_LIMIT and not request.node.get_closest_marker("blocks_loop"):
+        pytest.fail(
+            f"the event loop was blocked for {watchdog.longest:.2f} s (limit "
+            f"{LOOP_BLOCK_LIMIT} s): a blocking call in async code (use asyncio.to_thread)"
+        )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and inspect.iscoroutinefunction(function):
+            fixturenames = getattr(item, "fixturenames", None)
+            if fixturenames is not None and "loop_never_blocks" not in fixturenames:
+                # Last: set up after (and torn down before) the other fixtures, whose sync
+                # setup runs while the loop is not running at all.
+                fixturenames.append("loop_never_blocks")
 
 
 def free_port() -> int:
