@@ -35,8 +35,10 @@ Rooms, one reason to change each:
   ``build`` the file model of ``model`` checked field by field, ``resolve`` defaults merged;
   every default is in ``config.model``), with errors that carry field path and line.
 - ``aiohttp_internals``: the only room that touches aiohttp's private attributes (a canary
-  test guards them). ``admin``, ``observability``, ``app``, ``server``, ``cli`` and
-  ``supervisor`` run and watch it.
+  test guards them). ``admin``, ``observability`` (with ``tracing`` / ``otel``), ``app``,
+  ``server``, ``cli``, ``admin_cli`` (``idemproxy keys``) and ``supervisor`` run and watch it;
+  ``policy_values`` parses the policy's small value languages, ``redact`` keeps passwords out
+  of logs.
 """
 
 __version__ = "0.1.0"

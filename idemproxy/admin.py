@@ -21,9 +21,9 @@ from idemproxy.errors import ProblemError, StoreUnavailable
 from idemproxy.keys import store_key
 from idemproxy.observability import event
 from idemproxy.records import Record
+from idemproxy.redact import redact
 from idemproxy.settings import StoreConfig
 from idemproxy.store import NotReplicated, Store
-from idemproxy.units import redact
 
 READY_TIMEOUT = 2.0
 

@@ -18,11 +18,11 @@ from idemproxy.config import Config, ConfigError, Overrides, load
 from idemproxy.observability import Metrics, event, flush_access_log
 from idemproxy.policy import Policy
 from idemproxy.proxy import KeyedProxy
+from idemproxy.redact import redact
 from idemproxy.server import HeadTimeoutServer
 from idemproxy.store import open_store
 from idemproxy.store.timed import TimedStore
 from idemproxy.tracing import start_tracing
-from idemproxy.units import redact
 
 T = TypeVar("T")
 

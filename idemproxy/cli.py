@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(schema_text(), end="")
         return 0
     if args.command == "keys":
-        from idemproxy.keys_client import keys_command
+        from idemproxy.admin_cli import keys_command
 
         return keys_command(args.action, args.key, args.scope, args.admin, args.body)
     path = args.config or os.environ.get(CONFIG_ENV) or None

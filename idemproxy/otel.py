@@ -54,10 +54,10 @@ from idemproxy.http1 import RawHeaders
 from idemproxy.observability import Trace, event, set_trace_id_source
 from idemproxy.problems import Outcome
 from idemproxy.records import Record, StoredResponse
+from idemproxy.redact import redact
 from idemproxy.settings import TracingConfig, UpstreamConfig
 from idemproxy.store import Store
 from idemproxy.tracing import RequestSpan, Tracer
-from idemproxy.units import redact
 from idemproxy.upstream import Exchange, Upstream, forwarded_headers
 
 # The client's trace headers are not forwarded as they came: the proxy's span takes their place.

@@ -30,7 +30,7 @@ from idemproxy.config.model import PolicyDocument
 SCHEMA_FILE = Path(__file__).with_name("policy.schema.json")
 SCHEMA_ID = "https://idemproxy.dev/schema/policy.json"
 
-# One pattern per Annotated marker of idemproxy.config (syntax: idemproxy.units).
+# One pattern per Annotated marker of idemproxy.config (syntax: idemproxy.policy_values).
 PATTERNS = {
     "duration": r"^\d+(\.\d+)?(ms|s|m|h|d)$",
     "size": r"^\d+\s*(B|KiB|MiB|GiB)?$",

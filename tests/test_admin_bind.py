@@ -14,7 +14,7 @@ import pytest
 from conftest import run_cli
 
 from idemproxy.config import ConfigError, Overrides, load_text
-from idemproxy.units import is_loopback
+from idemproxy.policy_values import is_loopback
 
 OUTSIDE = ["0.0.0.0:9901", ":9901", "10.1.2.3:9901", "[::]:9901", "admin.example.com:9901"]
 LOOPBACK = [

@@ -36,7 +36,7 @@ import redis
 import yaml
 from conftest import HOST, free_port, run_cli
 
-from idemproxy.units import is_loopback, parse_duration, parse_host_port
+from idemproxy.policy_values import is_loopback, parse_duration, parse_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

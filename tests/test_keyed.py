@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,8 +26,8 @@ from multidict import CIMultiDict
 
 from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
+from tests.conftest import HOST, free_port
 
-HOST = "127.0.0.1"
 PROBLEM_TYPE_BASE = "https://idemproxy.dev/problems/"
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
 BODY = b'{"item": "tea", "qty": 1}'
@@ -37,13 +36,6 @@ REQUEST_TIMEOUT = 15.0
 
 
 # --- helpers ---------------------------------------------------------------------------------
-# (Nothing is imported from conftest: it must work with and without ``tests`` being a package.)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from idemproxy.config import ConfigError, load_text, model, parse_json_pointer, parse_status
+from idemproxy.policy_values import parse_duration, parse_host_port, parse_size
 from idemproxy.schema import (
     DESCRIPTIONS,
     PATTERNS,
@@ -26,7 +27,6 @@ from idemproxy.schema import (
     schema_text,
     yaml_name,
 )
-from idemproxy.units import parse_duration, parse_host_port, parse_size
 from tests.conftest import run_cli
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.yaml"))

@@ -9,7 +9,7 @@ import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from idemproxy.errors import ConfigProblem
-from idemproxy.units import parse_duration, parse_host_port, parse_size
+from idemproxy.policy_values import parse_duration, parse_host_port, parse_size
 
 
 class Invalid:

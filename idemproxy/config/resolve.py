@@ -35,6 +35,8 @@ from idemproxy.config.model import (
 from idemproxy.config.reader import YamlReader
 from idemproxy.errors import ConfigError, ConfigProblem
 from idemproxy.policy import check_pattern
+from idemproxy.policy_values import is_loopback, is_token, parse_host_port
+from idemproxy.redact import redact
 from idemproxy.settings import (
     Config,
     FingerprintPolicy,
@@ -46,7 +48,6 @@ from idemproxy.settings import (
     TracingConfig,
     UpstreamConfig,
 )
-from idemproxy.units import is_loopback, is_token, parse_host_port, redact
 
 
 def _merge(base: Any, override: Any) -> Any:

@@ -1,10 +1,10 @@
-"""Parsing of the small value languages used in the policy file: durations, sizes, addresses."""
+"""The small value languages of the policy file: durations, sizes, HOST:PORT addresses (and
+whether one is loopback), RFC 9110 tokens."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from urllib.parse import urlsplit, urlunsplit
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -72,13 +72,3 @@ def is_loopback(host: str) -> bool:
 def is_token(value: str) -> bool:
     """RFC 9110 token: header field names and method names."""
     return bool(_TOKEN.match(value))
-
-
-def redact(url: str) -> str:
-    """The URL without its password, fit for logs and error messages."""
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

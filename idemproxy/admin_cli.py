@@ -14,7 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from idemproxy.units import parse_host_port
+from idemproxy.policy_values import parse_host_port
 
 TOKEN_ENV = "IDEMPROXY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
