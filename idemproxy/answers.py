@@ -27,9 +27,11 @@ _CONTINUED = web.RequestKey("continued", bool)  # the 100 was sent
 
 def expects_continue(request: web.BaseRequest) -> bool:
     """Whether the client waits for ``100 Continue`` before it sends its body."""
+    expect = request.headers.get(hdrs.EXPECT)
     return (
-        request.version >= (1, 1)
-        and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+        expect is not None
+        and expect.lower() == "100-continue"
+        and request.version >= (1, 1)
         and request.body_exists
     )
 

@@ -221,11 +221,15 @@ class KeyedProxy:
             return await self._passthrough(request, trace)
         trace.route = route.label
         trace.route_path = route.path
-        _refuse_if(engine.preconditions(route, request.method, hdrs.IF_MATCH in request.headers))
+        refusal = engine.preconditions(route, request.method, hdrs.IF_MATCH in request.headers)
+        if refusal is not None:
+            raise refusal.error()
         if not route.keyed:
             await self._check_etag(request, route)
             return await self._passthrough(request, trace)
-        _refuse_if(engine.admit(self._keyed_in_flight, self.limits.max_in_flight))
+        refusal = engine.admit(self._keyed_in_flight, self.limits.max_in_flight)
+        if refusal is not None:
+            raise refusal.error()
         self._keyed_in_flight += 1
         try:
             return await self._keyed(request, route, trace)

@@ -28,13 +28,12 @@ class StoredResponse(msgspec.Struct, array_like=True, frozen=True):
     reason: str = ""
 
 
+_STANDARD_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
 def unusual_reason(status: int, reason: str) -> str:
-    """``reason`` unless it is the standard phrase of ``status`` (which costs nothing to keep)."""
-    try:
-        standard = HTTPStatus(status).phrase
-    except ValueError:
-        return reason
-    return "" if reason == standard else reason
+    """``reason`` unless it is the standard phrase of ``status`` (which costs one byte to keep)."""
+    return "" if _STANDARD_REASONS.get(status) == reason else reason
 
 
 _encoder = msgspec.msgpack.Encoder()
