@@ -32,6 +32,9 @@ from idemproxy.config import Overrides, load_text
 
 HOST = "127.0.0.1"
 
+# Fixtures of helper modules shared by several test files.
+pytest_plugins = ["tests.hostile_harness"]
+
 # --- an event loop that blocks fails its test ------------------------------------------------
 
 # How long the loop may be unresponsive before the test fails. Generous: a loaded 2-core machine
