@@ -316,6 +316,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 # --- the CLI as a real process ---------------------------------------------------------------
 
 
+def idemproxy_argv(*args: str) -> list[str]:
+    """The command line of ``python -m idemproxy ARGS``: the CLI as a real process."""
+    return [sys.executable, "-m", "idemproxy", *args]
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "idemproxy", *args],

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import HOST, free_port
+from tests.conftest import HOST, free_port, idemproxy_argv
 
 # Every request carries the same Host, direct and through the proxy: the proxy keeps the
 # original Host (SPEC 5), so httpbin's echoes of Host and of the URL it builds from it agree.
@@ -137,10 +137,7 @@ class ProxyProcess:
         policy.write_text(self.policy)
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "idemproxy",
+                idemproxy_argv(
                     "run",
                     "-c",
                     str(policy),
@@ -154,7 +151,7 @@ class ProxyProcess:
                     f"{HOST}:{self.admin_port}",
                     "--log-format",
                     "json",
-                ],
+                ),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -43,7 +43,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import HOST, ProxyFactory, RedisProcess, Upstream, free_port
+from tests.conftest import HOST, ProxyFactory, RedisProcess, Upstream, free_port, idemproxy_argv
 
 pytestmark = pytest.mark.faults
 
@@ -195,10 +195,7 @@ class ProxyProcess:
         env = {k: v for k, v in os.environ.items() if k != "IDEMPROXY_CONFIG"}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "idemproxy",
+                idemproxy_argv(
                     "run",
                     "-c",
                     str(policy),
@@ -211,7 +208,7 @@ class ProxyProcess:
                     f"{HOST}:{self.admin_port}",
                     "--workers",
                     str(workers),
-                ],
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import HOST, RedisProcess, Upstream, free_port
+from tests.conftest import HOST, RedisProcess, Upstream, free_port, idemproxy_argv
 
 pytestmark = pytest.mark.faults
 
@@ -33,10 +32,7 @@ class ProxyProcess:
         self.admin_port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "idemproxy",
+            idemproxy_argv(
                 "run",
                 "-c",
                 str(policy),
@@ -52,7 +48,7 @@ class ProxyProcess:
                 str(workers),
                 "--log-format",
                 "text",
-            ],
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

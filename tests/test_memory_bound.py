@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from idemproxy.config import ConfigError, load_text
 from idemproxy.errors import StoreUnavailable
 from idemproxy.records import StoredResponse
 from idemproxy.store.memory import MemoryStore
-from tests.conftest import HOST, Upstream, free_port
+from tests.conftest import HOST, Upstream, free_port, idemproxy_argv
 
 MiB = 1024 * 1024
 
@@ -95,10 +94,7 @@ def bounded_proxy(
     policy.write_text("limits:\n  memory_store_max_bytes: 16MiB\n")
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "idemproxy",
+        idemproxy_argv(
             "run",
             "-c",
             str(policy),
@@ -108,7 +104,7 @@ def bounded_proxy(
             f"{HOST}:{port}",
             "--admin",
             f"{HOST}:{free_port()}",
-        ],
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from idemproxy.observability import UPSTREAM_HELP
-from tests.conftest import HOST, RedisProcess, free_port
+from tests.conftest import HOST, RedisProcess, free_port, idemproxy_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = """
@@ -104,10 +104,7 @@ def expositions(
         for mode, workers in MODES.items():
             port, admin_port = free_port(), free_port()
             proxy = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "idemproxy",
+                idemproxy_argv(
                     "run",
                     "-c",
                     str(policy),
@@ -123,7 +120,7 @@ def expositions(
                     str(workers),
                     "--log-format",
                     "text",
-                ],
+                ),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

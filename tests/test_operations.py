@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from idemproxy import observability
 from idemproxy.observability import DirectAccessLog, JsonFormatter, Metrics, Trace
-from tests.conftest import HOST, ProxyFactory, RunningProxy, Upstream, free_port, run_cli
+from tests.conftest import (
+    HOST,
+    ProxyFactory,
+    RunningProxy,
+    Upstream,
+    free_port,
+    idemproxy_argv,
+    run_cli,
+)
 
 TOKEN = "admin-token-for-tests-0123456789"
 POLICY = f"""
@@ -228,10 +235,7 @@ async def test_access_log_is_json_without_raw_keys_bodies_or_credentials(
 
 def _start(policy: Path, upstream_url: str, listen: int, admin: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "idemproxy",
+        idemproxy_argv(
             "run",
             "-c",
             str(policy),
@@ -241,7 +245,7 @@ def _start(policy: Path, upstream_url: str, listen: int, admin: int) -> subproce
             f"{HOST}:{listen}",
             "--admin",
             f"{HOST}:{admin}",
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
