@@ -461,7 +461,13 @@ async def test_every_upstream_path_carries_the_proxys_span_and_a_trace_starts_wi
         assert [c.method for c in calls] == ["GET", "POST", "GET", "PATCH", "GET"]
         for call in calls:
             trace_id, parent_id, _ = call.traceparent()
-            spans = await collector.wait_for_trace(trace_id, {call.method})
+            await collector.wait_for_trace(trace_id, {call.method})
+            # The server span ends after the answer went out: it may come in a later batch.
+            await collector.wait_for(
+                lambda t=trace_id: any(s.kind == SERVER for s in collector.trace(t)),
+                f"the server span of {trace_id}",
+            )
+            spans = collector.trace(trace_id)
             client = only(spans, span_id=parent_id)
             assert client.kind == CLIENT
             server = only(spans, kind=SERVER)
