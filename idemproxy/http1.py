@@ -24,8 +24,7 @@ from idemproxy.errors import UpstreamFailure
 from idemproxy.response_parser import (
     MAX_HEAD,
     MAX_HEADER_FIELDS,
-    Data,
-    End,
+    Event,
     Head,
     RawHeaders,
     ResponseParser,
@@ -203,10 +202,10 @@ class _Connection(asyncio.Protocol):
         else:
             self.close()
 
-    def _handle(self, events: list[Head | Data | End]) -> None:
+    def _handle(self, events: list[Event]) -> None:
         for event in events:
-            if isinstance(event, Data):
-                self._body(event.chunk)
+            if type(event) is bytes:
+                self._body(event)
             elif isinstance(event, Head):
                 self._on_head(event)
             else:

@@ -1,7 +1,8 @@
 """An HTTP/1.1 response parser that does no I/O: fed bytes, it returns events.
 
 The lean client (``http1``) owns the socket and the timers; this module only turns the bytes of
-one connection into ``Head``, ``Data`` and ``End`` events, one response at a time, the way h11
+one connection into events, one response at a time: a ``Head``, body chunks (plain ``bytes``),
+an ``End``, the way h11
 does for httpcore. It is strict where leniency lets a response be read two ways (RFC 9112):
 every malformed answer raises ``UpstreamFailure("broken", ...)`` with a reason fit for a log
 (it never quotes the bytes it refused).
@@ -38,16 +39,11 @@ class Head:
 
 
 @dataclass(frozen=True, slots=True)
-class Data:
-    chunk: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class End:
     pass
 
 
-Event = Head | Data | End
+Event = Head | bytes | End  # bytes: a chunk of the body, as it came
 _END: Final = End()
 
 
@@ -115,7 +111,7 @@ class ResponseParser:
             elif state in (_LENGTH, _CHUNK_DATA):
                 take = min(self._remaining, len(buffer))
                 if take:
-                    events.append(Data(bytes(buffer[:take])))
+                    events.append(bytes(buffer[:take]))
                     del buffer[:take]
                     self._remaining -= take
                 if self._remaining:
@@ -151,7 +147,7 @@ class ResponseParser:
                 self._state = _CHUNK_DATA if size else _TRAILERS
             elif state == _UNTIL_CLOSE:
                 if buffer:
-                    events.append(Data(bytes(buffer)))
+                    events.append(bytes(buffer))
                     buffer.clear()
                 return
             else:  # _IDLE: bytes nobody asked for

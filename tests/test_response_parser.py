@@ -11,7 +11,6 @@ import pytest
 from idemproxy.errors import UpstreamFailure
 from idemproxy.response_parser import (
     MAX_HEADER_FIELDS,
-    Data,
     End,
     Event,
     Head,
@@ -37,7 +36,7 @@ def summary(events: list[Event]) -> tuple[Head, bytes, bool]:
     """The head, the body joined, and whether the response ended."""
     heads = [e for e in events if isinstance(e, Head)]
     assert len(heads) == 1, events
-    body = b"".join(e.chunk for e in events if isinstance(e, Data))
+    body = b"".join(e for e in events if isinstance(e, bytes))
     ended = [e for e in events if isinstance(e, End)]
     assert len(ended) <= 1
     if ended:
