@@ -4,7 +4,7 @@ aiohttp has no public hook for two things a proxy needs: knowing when a request 
 parsed (the slowloris deadline in ``server.py``) and sending a response without the
 ``Content-Type`` and ``Server`` headers aiohttp fills in. Both reach into aiohttp's internals;
 this module is the only one that does, and gives each internal a name that says what it means.
-``tests/test_aiohttp_internals.py`` checks those meanings against the installed aiohttp, and
+``tests/unit/test_aiohttp_internals.py`` checks those meanings against the installed aiohttp, and
 pyproject.toml caps aiohttp at the minor release that test last passed on.
 """
 

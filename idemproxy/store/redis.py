@@ -242,7 +242,7 @@ class _RedisPy:
         says nothing about the script's write (and routes it by its own policy again on a
         retry), so both go to the slot's node as one pipeline of their own; a MOVED answer
         patches the slot map and tries again. Uses redis-py's ClusterNode.execute_pipeline:
-        tests/test_chaos_failover.py checks the routing on a real cluster."""
+        tests/process/test_chaos_failover.py checks the routing on a real cluster."""
         cluster = self._redis
         assert isinstance(cluster, RedisCluster)
         commands = [("EVALSHA", script.sha), ("EVAL", script.source)]

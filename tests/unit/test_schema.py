@@ -29,7 +29,7 @@ from idemproxy.schema import (
 )
 from tests.conftest import run_cli
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "config").glob("*.yaml"))
 SCHEMA = policy_schema()
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 # Every dataclass of the policy file model: the document and the *File mappings under it.

@@ -21,7 +21,7 @@ import yaml
 from idemproxy.config import load_text
 from idemproxy.schema import SCHEMA_FILE, policy_schema
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # The environment a policy needs to load: the Kubernetes one has no defaults on purpose.
 ENVIRON = {"IDEMPROXY_STORE_URL": "redis://redis:6379/0", "IDEMPROXY_ADMIN_TOKEN": "t0ken"}
 

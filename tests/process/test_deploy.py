@@ -38,7 +38,7 @@ from conftest import HOST, free_port, run_cli
 
 from idemproxy.policy_values import is_loopback, parse_duration, parse_host_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"

@@ -37,8 +37,8 @@ from idemproxy.config import StoreConfig
 from idemproxy.store import NotReplicated
 from idemproxy.store.redis import RedisStore
 from tests.conftest import HOST, RedisProcess, Upstream, free_port, redis_server_binary
-from tests.test_faults import ProxyProcess, executions
-from tests.test_redis_modes import cli, cluster_port
+from tests.contract.test_redis_modes import cli, cluster_port
+from tests.process.test_faults import ProxyProcess, executions
 
 pytestmark = [
     pytest.mark.chaos,

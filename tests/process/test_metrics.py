@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from idemproxy.observability import UPSTREAM_HELP
 from tests.conftest import HOST, RedisProcess, free_port, idemproxy_argv
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POLICY = """
 routes:
   - name: create-order

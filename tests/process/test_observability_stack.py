@@ -37,7 +37,7 @@ import yaml
 from conftest import HOST, RedisProcess, Upstream, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OBSERVABILITY = ROOT / "deploy" / "observability"
 PROMETHEUS_DIR = OBSERVABILITY / "prometheus"
 RULES = PROMETHEUS_DIR / "alerts.yml"

@@ -24,7 +24,7 @@ from idemproxy.store.base import Store
 from idemproxy.store.memory import MemoryStore
 from idemproxy.store.redis import RedisStore
 from tests.conftest import HOST, RedisProcess, free_port
-from tests.test_wait_replicas import wait_for_link
+from tests.contract.test_wait_replicas import wait_for_link
 
 FP = "fingerprint-a"
 OTHER_FP = "fingerprint-b"

@@ -23,7 +23,7 @@ from idemproxy.records import COMPLETED, StoredResponse
 from idemproxy.store import NotReplicated
 from idemproxy.store.redis import RedisStore
 from tests.conftest import HOST, ProxyFactory, RedisProcess, Upstream, free_port, run_cli
-from tests.test_redis_modes import cli
+from tests.contract.test_redis_modes import cli
 
 RESPONSE = StoredResponse(201, [("Location", "/orders/1")], b"ok")
 

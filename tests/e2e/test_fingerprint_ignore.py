@@ -29,7 +29,7 @@ routes:
     key: {from: fingerprint, window: 1m}
 """
 
-PATTERNS = (Path(__file__).resolve().parent.parent / "config" / "patterns.yaml").read_text()
+PATTERNS = (Path(__file__).resolve().parents[2] / "config" / "patterns.yaml").read_text()
 FIRST = {"amount": 100, "sent_at": "2026-12-05T10:00:00Z", "meta": {"nonce": "a1", "app": "ios"}}
 
 

@@ -17,7 +17,7 @@ from idemproxy.config import (
 from idemproxy.policy import Policy
 from tests.policy_text import config, only_problem, route, yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 EXAMPLES = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
