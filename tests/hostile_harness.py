@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 
 from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
+from tests.raw_reply import Reply
 
 BOUND = 5.0  # seconds: every request must be answered within this
 SETUP_BOUND = 15.0  # seconds: starting and stopping servers
@@ -196,27 +197,6 @@ def memory_harness() -> Iterator[Harness]:
 # --- a raw HTTP/1.1 client ---------------------------------------------------------------------
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
-
-    @property
-    def code(self) -> str | None:
-        """The ``code`` of a problem+json the proxy made, else None."""
-        if self.header("Content-Type") != "application/problem+json" or not self.body:
-            return None  # not a problem, or the answer to a HEAD (read without its body)
-        return str(json.loads(self.body)["code"])
-
-    @property
-    def from_upstream(self) -> bool:
-        return self.header("X-Serial") is not None
-
-
 def _dechunk(data: bytes) -> bytes | None:
     """The body of a complete chunked message, or None while it is incomplete."""
     body = b""
@@ -238,13 +218,8 @@ def parse_reply(data: bytes, eof: bool, head_request: bool = False) -> Reply | N
     head, sep, rest = data.partition(b"\r\n\r\n")
     if not sep:
         return None
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    headers = []
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers.append((name.decode("latin-1").strip(), value.decode("latin-1").strip()))
-    reply = Reply(status, headers, b"")
+    status = int(head.split(b"\r\n", 1)[0].split(b" ", 2)[1])
+    reply = Reply(status, head, b"")
     length = reply.header("Content-Length")
     if head_request or status in (204, 304) or status < 200:
         return reply

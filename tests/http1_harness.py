@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +19,7 @@ from conftest import HOST
 
 from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
+from tests.raw_reply import Reply
 
 BOUND = 10.0  # seconds: every answer must come within this (generous; never a tight timing)
 DATE = b"Date: Tue, 01 Apr 2025 10:00:00 GMT"  # upstream answers carry a fixed Date
@@ -244,35 +244,6 @@ async def running(
     finally:
         await proxy.stop()
         await upstream.close()
-
-
-@dataclass
-class Reply:
-    status: int
-    head: bytes  # the final response's status line and headers (no blank line)
-    body: bytes  # the bytes after the head, as sent (may be chunk-framed when streamed)
-    raw: bytes  # everything the proxy sent, interim responses included
-
-    @property
-    def header_lines(self) -> list[bytes]:
-        return self.head.split(b"\r\n")[1:]
-
-    def values(self, name: bytes) -> list[bytes]:
-        return [
-            line.partition(b":")[2].strip()
-            for line in self.header_lines
-            if line.partition(b":")[0].lower() == name.lower()
-        ]
-
-    @property
-    def replayed(self) -> bool:
-        return self.values(b"Idempotent-Replayed") == [b"true"]
-
-    def problem(self) -> dict[str, object]:
-        assert self.values(b"Content-Type") == [b"application/problem+json"], self.head
-        doc = json.loads(self.body)
-        assert isinstance(doc, dict)
-        return doc
 
 
 def build(

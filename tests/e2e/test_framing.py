@@ -22,6 +22,7 @@ from conftest import HOST
 
 from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
+from tests.raw_reply import Reply
 
 BOUND = 5.0  # seconds: every answer must come within this
 LINGER = 0.2  # seconds the upstream waits for bytes after a request it has framed
@@ -182,13 +183,6 @@ async def setup() -> AsyncIterator[Setup]:
 
 
 # --- the client side ----------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    head: bytes
-    body: bytes
 
 
 async def send_raw(port: int, data: bytes) -> tuple[Reply | None, bytes]:

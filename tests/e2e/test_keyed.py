@@ -39,7 +39,9 @@ REQUEST_TIMEOUT = 15.0
 
 
 @dataclass
-class Reply:
+class ClientAnswer:
+    """An answer as aiohttp's client received it (raw-socket tests use tests.raw_reply.Reply)."""
+
     status: int
     raw: list[tuple[str, str]]  # response headers as sent, in order, duplicates kept
     headers: CIMultiDict[str]
@@ -65,7 +67,7 @@ async def send(
     key: str | None = "key-1",
     body: object = BODY,
     headers: Mapping[str, str] | None = None,
-) -> Reply:
+) -> ClientAnswer:
     sent: dict[str, str] = {}
     if key is not None:
         sent["Idempotency-Key"] = key
@@ -79,10 +81,10 @@ async def send(
     ) as response:
         data = await response.read()
         raw = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.raw_headers]
-        return Reply(response.status, raw, CIMultiDict(response.headers), data)
+        return ClientAnswer(response.status, raw, CIMultiDict(response.headers), data)
 
 
-def assert_problem(reply: Reply, status: int, code: str) -> dict[str, object]:
+def assert_problem(reply: ClientAnswer, status: int, code: str) -> dict[str, object]:
     assert reply.status == status, (reply.status, reply.body)
     content_type = reply.headers.get("Content-Type", "")
     assert content_type.split(";")[0].strip().lower() == "application/problem+json"
@@ -98,7 +100,7 @@ def assert_problem(reply: Reply, status: int, code: str) -> dict[str, object]:
     return doc
 
 
-def assert_fresh_upstream_answer(reply: Reply, serial: int, status: int = 201) -> None:
+def assert_fresh_upstream_answer(reply: ClientAnswer, serial: int, status: int = 201) -> None:
     """The recording upstream's own answer number ``serial``, not a replay."""
     assert reply.status == status, (reply.status, reply.body)
     assert not reply.replayed
@@ -107,7 +109,7 @@ def assert_fresh_upstream_answer(reply: Reply, serial: int, status: int = 201) -
     assert reply.headers["X-Serial"] == str(serial)
 
 
-def assert_replay_of(replay: Reply, original: Reply) -> None:
+def assert_replay_of(replay: ClientAnswer, original: ClientAnswer) -> None:
     """Same status, same headers in the same order (duplicates kept), same bytes, plus the mark."""
     assert replay.status == original.status
     assert replay.body == original.body
@@ -115,7 +117,7 @@ def assert_replay_of(replay: Reply, original: Reply) -> None:
     assert replay.raw_without_replay_marker() == original.raw_without_replay_marker()
 
 
-def assert_problem_replay_of(replay: Reply, original: Reply) -> None:
+def assert_problem_replay_of(replay: ClientAnswer, original: ClientAnswer) -> None:
     """A stored answer the proxy made itself (504/502): same status, headers and bytes, marked.
 
     The one header that may differ is the value of ``Date``: the original did not come from the
@@ -140,7 +142,7 @@ async def wait_for_calls(upstream: Any, count: int) -> None:
     raise AssertionError(f"the upstream saw {upstream.count()} calls, not {count}")
 
 
-async def bounded(task: asyncio.Task[Reply]) -> Reply:
+async def bounded(task: asyncio.Task[ClientAnswer]) -> ClientAnswer:
     async with asyncio.timeout(REQUEST_TIMEOUT):
         return await task
 
@@ -321,7 +323,7 @@ async def test_declared_length_over_limit_is_413_before_the_body_arrives(
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
     assert lines[0].startswith("HTTP/1.1 413 ")
-    reply = Reply(413, list(fields.items()), CIMultiDict(fields), body)
+    reply = ClientAnswer(413, list(fields.items()), CIMultiDict(fields), body)
     assert_problem(reply, 413, "request_too_large")
     assert upstream.count() == 0
 
