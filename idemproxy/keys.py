@@ -16,6 +16,7 @@ from decimal import Decimal
 
 import msgspec
 
+from idemproxy.policy_values import pointer_tokens
 from idemproxy.settings import FingerprintPolicy, KeyPolicy
 
 MAX_KEY_LENGTH = 255
@@ -109,7 +110,7 @@ class _Members(dict[str, object]):
             self[name] = value
 
 
-def _may_repeat_a_member(tokens: list[str], body: bytes) -> bool:
+def _may_repeat_a_member(tokens: Sequence[str], body: bytes) -> bool:
     """Whether a member name on the pointer's path may occur twice in ``body``: it must then
     appear twice as a literal JSON string, or be written with escapes."""
     return b"\\" in body or any(
@@ -124,7 +125,7 @@ def _careful_decode(body: bytes) -> object:
 
 def _key_from_body(pointer: str, body: bytes) -> str | KeyProblem:
     where = f"the body field {pointer}"
-    tokens = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+    tokens = pointer_tokens(pointer)
     try:
         document = _BODY_DECODER.decode(body) if body else None
         if body and _may_repeat_a_member(tokens, body):
@@ -179,7 +180,7 @@ def store_key(prefix: str, scope_values: Iterable[str], key: str) -> str:
     return prefix + hashlib.sha256(_length_prefixed(parts)).hexdigest()
 
 
-Pointers = tuple[tuple[str, ...], ...]  # JSON pointers as reference tokens (config.pointer_tokens)
+Pointers = tuple[tuple[str, ...], ...]  # JSON pointers as reference tokens (pointer_tokens)
 
 
 def canonical_body(body: bytes, ignore: Pointers = ()) -> bytes:

@@ -72,3 +72,9 @@ def is_loopback(host: str) -> bool:
 def is_token(value: str) -> bool:
     """RFC 9110 token: header field names and method names."""
     return bool(_TOKEN.match(value))
+
+
+def pointer_tokens(pointer: str) -> tuple[str, ...]:
+    """An RFC 6901 JSON Pointer's reference tokens: ``/meta/a~1b`` -> ``("meta", "a/b")``
+    (section 4: ~1 first, then ~0)."""
+    return tuple(t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:])

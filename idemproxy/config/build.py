@@ -165,11 +165,6 @@ def parse_json_pointer(value: object) -> str:
     return value
 
 
-def pointer_tokens(pointer: str) -> tuple[str, ...]:
-    """``/meta/a~1b`` -> ``("meta", "a/b")`` (RFC 6901 section 4: ~1 first, then ~0)."""
-    return tuple(t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:])
-
-
 def status_codes(entries: list[int | str]) -> frozenset[int]:
     """The codes ``release_statuses`` names: a class ``4xx`` stands for 400 to 499."""
     codes: set[int] = set()

@@ -12,7 +12,7 @@ import typing
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from idemproxy.config.build import INVALID, Builder, pointer_tokens, status_codes
+from idemproxy.config.build import INVALID, Builder, status_codes
 from idemproxy.config.model import (
     BUILTIN_DEFAULTS,
     BUILTIN_DOCUMENT,
@@ -35,7 +35,7 @@ from idemproxy.config.model import (
 from idemproxy.config.reader import YamlReader
 from idemproxy.errors import ConfigError, ConfigProblem
 from idemproxy.policy import check_pattern
-from idemproxy.policy_values import is_loopback, is_token, parse_host_port
+from idemproxy.policy_values import is_loopback, is_token, parse_host_port, pointer_tokens
 from idemproxy.redact import redact
 from idemproxy.settings import (
     Config,
@@ -294,19 +294,26 @@ def _store_url(url: str) -> str | None:
     return None
 
 
-def _upstream_url(url: str) -> str | None:
+def _http_url(url: str, expected: str, name: str) -> str | None:
+    """What is wrong with an http:// or https:// URL the proxy connects to, or None."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"expected an http:// or https:// URL with a host, got {redact(url)!r}"
+        return f"expected {expected}, got {redact(url)!r}"
     try:
         parts.port  # noqa: B018 - parsing the port is the check
     except ValueError:
         return f"invalid port in {redact(url)!r}"
     if parts.query or parts.fragment:
-        return "the upstream URL must not have a query or fragment"
-    if parts.username is not None or parts.password is not None:
-        return "the upstream URL must not carry credentials; the client's own headers are forwarded"
+        return f"the {name} URL must not have a query or fragment"
     return None
+
+
+def _upstream_url(url: str) -> str | None:
+    error = _http_url(url, "an http:// or https:// URL with a host", "upstream")
+    parts = urlsplit(url)
+    if error is None and (parts.username is not None or parts.password is not None):
+        return "the upstream URL must not carry credentials; the client's own headers are forwarded"
+    return error
 
 
 def _resolve(doc: PolicyDocument, flags: Overrides, b: Builder, source: str | None) -> Config:
@@ -394,7 +401,9 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: Builder, source: str | No
 def _tracing(written: TracingFile, b: Builder) -> TracingConfig:
     endpoint = written.endpoint or ""
     if endpoint:
-        error = _collector_url(endpoint)
+        error = _http_url(
+            endpoint, "the collector's http:// or https:// OTLP/HTTP URL", "collector"
+        )
         if error:
             b.problem("tracing.endpoint", error)
         elif (missing := _missing_otel_distribution()) is not None:
@@ -411,19 +420,6 @@ def _tracing(written: TracingFile, b: Builder) -> TracingConfig:
         sample_ratio=written.sample_ratio,
         service_name=written.service_name or "",
     )
-
-
-def _collector_url(url: str) -> str | None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"expected the collector's http:// or https:// OTLP/HTTP URL, got {redact(url)!r}"
-    try:
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        return f"invalid port in {redact(url)!r}"
-    if parts.query or parts.fragment:
-        return "the collector URL must not have a query or fragment"
-    return None
 
 
 OTEL_DISTRIBUTIONS = (
