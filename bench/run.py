@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from packaging.markers import Marker  # installed with the test extra (pytest needs it)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -1156,14 +1158,16 @@ def constraints_drift() -> str:
     across runs only when they are)."""
     drift = []
     for line in (REPO / "constraints.txt").read_text().splitlines():
-        match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line)
+        match = re.match(r"([A-Za-z0-9_.-]+)==([^\s;]+)\s*(?:;\s*(.+))?$", line)
         if not match:
             continue
-        name, pinned = match[1], match[2]
+        name, pinned, marker = match[1], match[2], match[3]
+        if marker and not Marker(marker).evaluate():
+            continue  # pinned for another Python or platform (the lock is universal)
         try:
             installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            continue  # markers leave some out (async-timeout on 3.11.3+)
+            continue
         if installed != pinned:
             drift.append(f"{name} {installed} (pinned {pinned})")
     return "installed as pinned" if not drift else "differs: " + ", ".join(drift)
