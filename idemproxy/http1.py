@@ -4,7 +4,8 @@ A keyed request's body is already in memory and its answer is read whole, up to 
 limit, so the exchange needs little of aiohttp's client: here the request goes out in one write
 with the client's header bytes as they came, and the answer is parsed as it arrives, on
 keep-alive connections from a small pool. It costs about half of an aiohttp client request
-(bench/profile-new-keys.txt). Pass-through, ETag reads and WebSockets stay on aiohttp.
+(bench/profile-new-keys.txt). Pass-through goes through it too, unless its request body is still
+arriving (streamed up through aiohttp's client); ETag reads and WebSockets stay on aiohttp.
 
 Failures say whether the request may have reached the upstream: ``connect`` when nothing was
 sent, ``timeout`` or ``broken`` after it was.

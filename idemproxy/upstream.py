@@ -259,10 +259,15 @@ class Upstream:
 
     async def stream(self, request: web.BaseRequest, body: bytes | None = None) -> Exchange:
         """Pass a request through; the answer is handed over at its head, its body still to
-        come. ``body``: already read from the client. A body still to be read streams up
-        through aiohttp's client."""
+        come. ``body``: already read from the client. A body with a Content-Length that has all
+        arrived with its head (the usual small POST) is already in aiohttp's buffer: it goes
+        through the lean client, in one write. A body still arriving, or a chunked one (SPEC 5
+        keeps chunked intact), streams up through aiohttp's client as it comes."""
         if body is None and request.body_exists:
-            return await self._stream_body(request)
+            content = request.content
+            if request.content_length is None or not content.is_eof() or content.exception():
+                return await self._stream_body(request)
+            body = content.read_nowait(-1)
         return await self.exchange(request, body or b"", None)
 
     async def _stream_body(self, request: web.BaseRequest) -> Exchange:

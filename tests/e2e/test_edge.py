@@ -230,6 +230,53 @@ async def _metrics(http: aiohttp.ClientSession, proxy: RunningProxy) -> str:
         return await response.text()
 
 
+# --- a pass-through body streams up as it arrives ---------------------------------------------
+
+
+async def test_a_pass_through_body_still_arriving_is_forwarded_before_it_ends() -> None:
+    """SPEC 5: no whole-body buffering. The upstream gets the head and the first half of a
+    Content-Length body while the client still holds the second half back."""
+    first_half_seen = asyncio.Event()
+    received: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        received.append(await reader.readexactly(length // 2))
+        first_half_seen.set()
+        received.append(await reader.readexactly(length - length // 2))
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    config = load_text(
+        KEYED,
+        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
+    )
+    proxy = ProxyServer(config)
+    await proxy.start()
+    body = b"a" * 3000 + b"b" * 3000
+    try:
+        reader, writer = await open_raw(RunningProxy(proxy))
+        head = f"POST /off HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body[:3000])
+        await asyncio.wait_for(first_half_seen.wait(), BOUND)
+        writer.write(body[3000:])
+        answer, payload = await read_answer(reader)
+        writer.close()
+    finally:
+        await proxy.stop()
+        server.close()
+    assert (status_of(answer), payload) == (201, b"ok")
+    assert b"".join(received) == body
+
+
 # --- one key, read one way -------------------------------------------------------------------
 
 
@@ -367,6 +414,7 @@ async def _streamed_body() -> AsyncIterator[bytes]:
 PATHS = {
     "get": ("GET", "/pass/{name}", None, {}),
     "streamed-post": ("POST", "/pass/{name}", "stream", {}),
+    "whole-post": ("POST", "/pass/{name}", b"x", {}),  # arrived with its head: the lean client
     "keyed": ("POST", "/keyed/{name}", b"x", {"Idempotency-Key": "{name}"}),
 }
 
