@@ -112,7 +112,14 @@ async def relay(
 
 
 async def relay_exchange(request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
-    """Send an exchange's answer as it arrives, then let go of its upstream connection."""
+    """Send an exchange's answer as it arrives, then let go of its upstream connection. One that
+    came whole with its Content-Length (the usual small answer) goes out in one write."""
+    if exchange.pending is None and request.method != "HEAD" and _framed_by_length(exchange):
+        response = VerbatimResponse(status=exchange.status, reason=exchange.reason)
+        for name, value in exchange.headers:
+            response.headers.add(name, value)
+        response.body = exchange.body
+        return response
     try:
         return await relay(
             request,
@@ -125,6 +132,15 @@ async def relay_exchange(request: web.BaseRequest, exchange: Exchange) -> web.St
     finally:
         if exchange.pending is not None:
             exchange.pending.close()
+
+
+def _framed_by_length(exchange: Exchange) -> bool:
+    """Whether the answer says it is exactly its body's length (a chunked one, relayed as it
+    came, stays chunked; a bodiless status keeps the framing aiohttp gives it)."""
+    if exchange.status < 200 or exchange.status in (204, 304):
+        return False
+    lengths = [value for name, value in exchange.headers if name.lower() == "content-length"]
+    return lengths == [str(len(exchange.body))]
 
 
 async def relay_websocket(

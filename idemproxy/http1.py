@@ -162,20 +162,14 @@ class _Connection(asyncio.Protocol):
         self._parser.abandon()
         self.close()
 
-    def _on_head(self, head: Head) -> None:
-        self._head = head
-        if self._stream_all:
-            self._rest = ResponseRest(self)
-            self._resolve(self._rest)
-
     def _body(self, chunk: bytes) -> None:
         if self._rest is not None:
             self._rest.feed(chunk)
             return
         self._chunks.append(chunk)
         self._size += len(chunk)
-        if self._size > self._max_body:  # too large to keep: the caller streams the rest
-            self._rest = ResponseRest(self)
+        if self._size > self._max_body and not self._stream_all:
+            self._rest = ResponseRest(self)  # too large to keep: the caller streams the rest
             self._resolve(self._rest)
 
     def _resolve(self, rest: ResponseRest | None) -> None:
@@ -208,10 +202,15 @@ class _Connection(asyncio.Protocol):
             if type(event) is bytes:
                 self._body(event)
             elif isinstance(event, Head):
-                self._on_head(event)
+                self._head = event
             else:
                 self._complete()
                 return
+        if self._stream_all and self._head is not None and self._rest is None:
+            # Pass-through: answered at the head with what came with it, the rest streamed.
+            # An answer that came whole in one read was answered whole, by _complete.
+            self._rest = ResponseRest(self)
+            self._resolve(self._rest)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
