@@ -68,17 +68,23 @@ def forwarded_headers(
     """The client's headers as sent, without hop-by-hop ones, plus the X-Forwarded-* trio
     (For appended to; Proto and Host kept when the client, e.g. a load balancer, sent them)."""
     raw = request.raw_headers
-    dropped = _not_forwarded(raw)
+    lowered = [name.lower() for name, _ in raw]  # once: this runs for every request
+    dropped = _not_forwarded(raw) if b"connection" in lowered else set(HOP_BY_HOP)
     dropped.update(extra_dropped)
     if drop_length:
         dropped.add(b"content-length")
-    prior = [value for name, value in raw if name.lower() == b"x-forwarded-for"]
-    dropped.add(b"x-forwarded-for")
     dropped.discard(b"host")  # even when Connection names it: an HTTP/1.1 request needs one
-    headers = [(name, value) for name, value in raw if name.lower() not in dropped]
+    headers: RawHeaders = []
+    prior: list[bytes] = []
+    present: set[bytes] = set()
+    for lower, pair in zip(lowered, raw, strict=True):
+        if lower == b"x-forwarded-for":
+            prior.append(pair[1])
+        elif lower not in dropped:
+            headers.append(pair)
+            present.add(lower)
     peer = (request.remote or "").encode()
     headers.append((b"X-Forwarded-For", b", ".join([*prior, peer]) if prior else peer))
-    present = {name.lower() for name, _ in headers}
     if b"x-forwarded-proto" not in present:
         headers.append((b"X-Forwarded-Proto", request.scheme.encode()))
     host = request.headers.get(hdrs.HOST)
