@@ -15,7 +15,7 @@ from aiohttp import web
 
 from idemproxy.admin import AdminContext, create_admin_app, probe_store
 from idemproxy.config import Config, ConfigError, Overrides, load
-from idemproxy.observability import Metrics, event, flush_access_log
+from idemproxy.observability import WORKER_PUBLISH_INTERVAL, Metrics, event, flush_access_log
 from idemproxy.policy import Policy
 from idemproxy.proxy import KeyedProxy
 from idemproxy.redact import redact
@@ -61,7 +61,7 @@ class ProxyServer:
                 config.limits.memory_store_max_keys,
                 config.limits.memory_store_max_bytes,
             ),
-            self.metrics.store_duration,
+            self.metrics.store_timer,
         )
         self.upstream = self.tracer.upstream(config.upstream)
         self.handler = KeyedProxy(
@@ -92,12 +92,21 @@ class ProxyServer:
             self.store, self.metrics.exposition, config.store.key_prefix, config.admin_token
         )
         self._admin = web.AppRunner(create_admin_app(admin), access_log=None)
+        self._publishing: asyncio.TimerHandle | None = None
+
+    def _publish_metrics(self) -> None:
+        """A worker's counts reach the supervisor's /metrics every WORKER_PUBLISH_INTERVAL."""
+        self.metrics.publish()
+        loop = asyncio.get_running_loop()
+        self._publishing = loop.call_later(WORKER_PUBLISH_INTERVAL, self._publish_metrics)
 
     async def start(self) -> None:
         await self.upstream.start()
         await self._proxy.setup()
         host, port = self.config.listen
         await web.TCPSite(self._proxy, host, port, reuse_port=self.worker or None).start()
+        if self.worker:
+            self._publish_metrics()
         if not self.worker:
             await self._admin.setup()
             admin_host, admin_port = self.config.admin_listen
@@ -152,6 +161,9 @@ class ProxyServer:
         finally:
             deadline.cancel()
         await self.handler.drain()
+        if self._publishing is not None:
+            self._publishing.cancel()
+        self.metrics.publish()  # a worker's last counts, before it exits
         if not self.worker:
             await self._admin.cleanup()
         await self.upstream.close()

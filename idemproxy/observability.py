@@ -16,6 +16,7 @@ import functools
 import logging
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
@@ -96,32 +97,136 @@ class Metrics:
             "(store.on_error: fail_open).",
             registry=self.registry,
         )
-        self._request_children: dict[tuple[str, Outcome], Counter] = {}
-        self._upstream_children: dict[str, Histogram] = {}
-        self.locks_in_flight = Gauge(
-            "idemproxy_locks_in_flight",
-            "Leases held while their upstream call runs.",
-            registry=self.registry,
-            multiprocess_mode="livesum",  # with --workers: summed over the live workers
+        self.locks_in_flight = LocalGauge(
+            Gauge(
+                "idemproxy_locks_in_flight",
+                "Leases held while their upstream call runs.",
+                registry=self.registry,
+                multiprocess_mode="livesum",  # with --workers: summed over the live workers
+            )
         )
+        self._request_counters: dict[tuple[str, Outcome], LocalCounter] = {}
+        self._upstream_timers: dict[str, LocalHistogram] = {}
+        self._local: list[LocalCounter | LocalHistogram | LocalGauge] = [self.locks_in_flight]
 
-    def upstream_timer(self, route: str) -> Histogram:
-        """The upstream histogram's child for ``route``, looked up once per route."""
-        child = self._upstream_children.get(route)
-        if child is None:
-            child = self._upstream_children[route] = self.upstream_duration.labels(route)
-        return child
+    def upstream_timer(self, route: str) -> LocalHistogram:
+        """The upstream histogram of ``route``."""
+        timer = self._upstream_timers.get(route)
+        if timer is None:
+            timer = LocalHistogram(self.upstream_duration.labels(route))
+            self._upstream_timers[route] = timer
+            self._local.append(timer)
+        return timer
+
+    def store_timer(self, operation: str) -> LocalHistogram:
+        """The store histogram of ``operation`` (one per operation: ``TimedStore`` keeps it)."""
+        timer = LocalHistogram(self.store_duration.labels(operation))
+        self._local.append(timer)
+        return timer
 
     def count(self, route: str, outcome: Outcome) -> None:
-        """Count one request; the labelled child is looked up once per (route, outcome)."""
-        child = self._request_children.get((route, outcome))
-        if child is None:
-            child = self.requests.labels(route, outcome.value)
-            self._request_children[(route, outcome)] = child
-        child.inc()
+        """Count one request."""
+        counter = self._request_counters.get((route, outcome))
+        if counter is None:
+            counter = LocalCounter(self.requests.labels(route, outcome.value))
+            self._request_counters[(route, outcome)] = counter
+            self._local.append(counter)
+        counter.count += 1
+
+    def publish(self) -> None:
+        """Hand what was counted since the last call to prometheus-client (see ``LocalCounter``).
+        Called before every scrape of this process and, in a worker, every
+        ``WORKER_PUBLISH_INTERVAL`` and once more as it stops."""
+        for metric in self._local:
+            metric.publish()
 
     def exposition(self) -> bytes:
+        self.publish()
         return generate_latest(self.registry)
+
+
+# How often a worker (--workers) hands its counts to the supervisor's /metrics.
+WORKER_PUBLISH_INTERVAL = 0.5  # seconds
+
+
+class LocalCounter:
+    """Requests counted in this process, added to a prometheus-client counter by ``publish``.
+
+    The hot path's metrics are plain numbers here: with ``--workers``, prometheus-client writes
+    every increment through a lock into a memory-mapped file the supervisor reads, about 3 µs
+    an increment and 6 µs an observation (some 25 µs a keyed request); a ``publish`` writes once
+    per series that changed.
+    """
+
+    __slots__ = ("_child", "count")
+
+    def __init__(self, child: Counter) -> None:
+        self._child = child
+        self.count = 0
+
+    def publish(self) -> None:
+        if self.count:
+            count, self.count = self.count, 0
+            self._child.inc(count)
+
+
+class LocalGauge:
+    """A gauge kept in this process; ``publish`` sets prometheus-client's to its value."""
+
+    __slots__ = ("_child", "_published", "value")
+
+    def __init__(self, child: Gauge) -> None:
+        self._child = child
+        self.value = 0
+        self._published = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+    def publish(self) -> None:
+        if self.value != self._published:
+            self._published = self.value
+            self._child.set(self.value)
+
+
+class LocalHistogram:
+    """Observations kept in this process (a bucket count and a sum), added to a
+    prometheus-client histogram child by ``publish``.
+
+    prometheus-client has no public call that adds a count to a bucket, so ``publish`` uses the
+    child's ``_upper_bounds``, ``_buckets`` and ``_sum``, which ``Histogram.observe`` itself
+    uses; tests/unit/test_observability.py checks the exposition is the same as observe()'s.
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_counts", "_sum", "_total", "_touched")
+
+    def __init__(self, child: Histogram) -> None:
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._buckets = child._buckets
+        self._sum = child._sum
+        self._counts = [0] * len(self._bounds)
+        self._total = 0.0
+        self._touched = False
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect_left(self._bounds, amount)] += 1  # the first bound >= amount
+        self._total += amount
+        self._touched = True
+
+    def publish(self) -> None:
+        if not self._touched:
+            return
+        self._touched = False
+        self._sum.inc(self._total)
+        self._total = 0.0
+        counts = self._counts
+        for index, count in enumerate(counts):
+            if count:
+                self._buckets[index].inc(count)
+                counts[index] = 0
 
 
 class ProcessesCollector(Collector):

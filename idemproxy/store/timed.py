@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from prometheus_client import Histogram
-
+from idemproxy.observability import LocalHistogram
 from idemproxy.records import Record, StoredResponse
 from idemproxy.store.base import Store
 
@@ -17,10 +16,10 @@ _OPERATIONS = ("acquire", "renew", "complete", "release", "get", "delete", "ping
 
 
 class TimedStore:
-    def __init__(self, inner: Store, histogram: Histogram) -> None:
+    def __init__(self, inner: Store, timer: Callable[[str], LocalHistogram]) -> None:
+        """``timer(operation)``: the histogram of one operation, asked for once each."""
         self.inner = inner
-        # Children looked up once: a labels() call per store call costs more than the timing.
-        self._timers = {operation: histogram.labels(operation) for operation in _OPERATIONS}
+        self._timers = {operation: timer(operation) for operation in _OPERATIONS}
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:
         started = time.monotonic()

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -237,10 +238,19 @@ async def test_workers_run_on_a_read_only_root_filesystem_with_dev_shm(
         async with http.post(f"http://{HOST}:{listen}/orders", data=b"{}", headers=headers) as r:
             assert r.status == 201
     assert upstream.count("/orders") == 1
-    async with http.get(f"http://{HOST}:{admin}/metrics") as response:
-        text = await response.text()
-    assert 'idemproxy_requests_total{outcome="new",route="default"} 1.0' in text
-    assert 'idemproxy_requests_total{outcome="replayed",route="default"} 1.0' in text
+    expected = [
+        'idemproxy_requests_total{outcome="new",route="default"} 1.0',
+        'idemproxy_requests_total{outcome="replayed",route="default"} 1.0',
+    ]
+    deadline = time.monotonic() + 5.0  # a worker hands its counts over every 0.5 s
+    while True:
+        async with http.get(f"http://{HOST}:{admin}/metrics") as response:
+            text = await response.text()
+        if all(line in text for line in expected) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    for line in expected:
+        assert line in text
 
     await proc.stop()
     assert proc.returncode == 0, proc.stderr
