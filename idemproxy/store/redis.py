@@ -202,12 +202,11 @@ if v then
   end
   return string.sub(v, 1, last)
 end
-local cur = redis.call('HMGET', KEYS[1], 'c', 'r')
 local resp = ''
 if same then
-  resp = cur[2]
+  resp = redis.call('HGET', KEYS[1], 'r')
 end
-return {state, fp, token, cur[1], resp}
+return {state, fp, token, redis.call('HGET', KEYS[1], 'c'), resp}
 """
 )
 
