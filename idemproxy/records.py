@@ -2,14 +2,32 @@
 
 A record is plain data: a state, the request fingerprint, the lease token, the creation time and,
 once completed, the upstream response as status, header list and body bytes (never a pickled
-framework object). The response is encoded with msgpack: compact, binary-safe, fast.
+framework object).
+
+The response is encoded compactly (``encode_response``): a format byte ``0x01`` and a msgpack
+array ``[status, headers, body]`` (``reason`` appended only when it is not empty). ``headers`` is
+one flat list that keeps the answer's order, case and duplicates:
+
+- an int below 64: a whole header from ``STATIC_HEADERS`` (``Content-Type: application/json``);
+  entries 0 and 1 are ``Content-Length`` / ``content-length`` whose value is the body's length;
+- an int from 64: the name ``STATIC_NAMES[n - 64]``, then its value;
+- a str: a name, then its value;
+- a value is a str, or an int: the unix time of an IMF-fixdate (``Sun, 06 Dec 2026 00:15:05
+  GMT``) that formats back to exactly that text.
+
+A 200-byte answer with ``Content-Type``, ``Content-Length``, ``Date`` and ``Server`` costs 45 bytes
+besides its body and ``Server`` value, instead of about 110. Both tables are append-only: stored
+records name entries by position. Records of the previous encoding (a msgpack array
+``[status, headers, body, reason?]`` starting with 0x93 or 0x94) still decode.
 """
 
 from __future__ import annotations
 
+import calendar
 from dataclasses import dataclass
+from email.utils import formatdate, parsedate_tz
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -23,8 +41,7 @@ class StoredResponse(msgspec.Struct, array_like=True, frozen=True):
     headers: list[tuple[str, str]]
     body: bytes
     # The upstream's reason phrase when it is not the standard one (``201 CREATED``); empty
-    # (one byte) for the standard phrase. Records written before it existed decode with "",
-    # and older proxies ignore the extra trailing element.
+    # for the standard phrase, and then left out of the encoding.
     reason: str = ""
 
 
@@ -32,20 +49,194 @@ _STANDARD_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 def unusual_reason(status: int, reason: str) -> str:
-    """``reason`` unless it is the standard phrase of ``status`` (which costs one byte to keep)."""
+    """``reason`` unless it is the standard phrase of ``status`` (which costs nothing to keep)."""
     return "" if _STANDARD_REASONS.get(status) == reason else reason
 
 
+# Append-only (stored records refer to entries by position; tests/unit/test_records.py pins
+# them). Exact spelling and case: a header matches only when it is byte for byte the same.
+STATIC_HEADERS: Final[tuple[tuple[str, str], ...]] = (
+    ("Content-Length", ""),  # its value: the body's length
+    ("content-length", ""),  # its value: the body's length
+    ("Content-Type", "application/json"),
+    ("Content-Type", "application/json; charset=utf-8"),
+    ("Content-Type", "application/problem+json"),
+    ("Content-Type", "text/plain; charset=utf-8"),
+    ("Content-Type", "text/html; charset=utf-8"),
+    ("Content-Type", "text/plain"),
+    ("Content-Type", "text/html"),
+    ("Content-Type", "application/octet-stream"),
+    ("Content-Type", "application/xml"),
+    ("content-type", "application/json"),
+    ("content-type", "application/json; charset=utf-8"),
+    ("content-type", "application/problem+json"),
+    ("content-type", "text/plain; charset=utf-8"),
+    ("Cache-Control", "no-cache"),
+    ("Cache-Control", "no-store"),
+    ("Cache-Control", "private"),
+    ("Cache-Control", "no-cache, no-store, must-revalidate"),
+    ("Cache-Control", "max-age=0, private, must-revalidate"),
+    ("Pragma", "no-cache"),
+    ("Expires", "0"),
+    ("Vary", "Accept-Encoding"),
+    ("Vary", "Origin"),
+    ("Vary", "Accept"),
+    ("Accept-Ranges", "bytes"),
+    ("Content-Encoding", "gzip"),
+    ("Content-Encoding", "br"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("X-Frame-Options", "SAMEORIGIN"),
+    ("X-XSS-Protection", "0"),
+    ("X-XSS-Protection", "1; mode=block"),
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Credentials", "true"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Referrer-Policy", "strict-origin-when-cross-origin"),
+    ("Strict-Transport-Security", "max-age=31536000"),
+    ("Strict-Transport-Security", "max-age=31536000; includeSubDomains"),
+    ("Server", "nginx"),
+    ("Server", "cloudflare"),
+    ("Server", "gunicorn"),
+    ("Server", "uvicorn"),
+    ("Server", "Werkzeug"),
+    ("X-Powered-By", "Express"),
+    ("server", "nginx"),
+    ("vary", "Accept-Encoding"),
+    ("x-content-type-options", "nosniff"),
+)
+STATIC_NAMES: Final[tuple[str, ...]] = (
+    "Content-Type",
+    "Content-Length",
+    "Date",
+    "Server",
+    "Cache-Control",
+    "ETag",
+    "Location",
+    "Set-Cookie",
+    "Vary",
+    "Last-Modified",
+    "Expires",
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Disposition",
+    "Age",
+    "Link",
+    "Retry-After",
+    "WWW-Authenticate",
+    "Access-Control-Allow-Origin",
+    "Access-Control-Expose-Headers",
+    "Strict-Transport-Security",
+    "Content-Security-Policy",
+    "X-Request-Id",
+    "X-Request-ID",
+    "X-Correlation-Id",
+    "Request-Id",
+    "X-Trace-Id",
+    "Traceparent",
+    "Idempotency-Key",
+    "Idempotent-Replayed",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "RateLimit-Policy",
+    "X-Powered-By",
+    "Via",
+    "Alt-Svc",
+    "Report-To",
+    "NEL",
+    "Content-Range",
+    "content-type",
+    "content-length",
+    "date",
+    "server",
+    "cache-control",
+    "etag",
+    "location",
+    "set-cookie",
+    "vary",
+    "last-modified",
+    "expires",
+    "x-request-id",
+    "x-powered-by",
+    "via",
+    "alt-svc",
+)
+_NAME_BASE: Final = 64
+_FORMAT: Final = b"\x01"
+_OLD_FORMATS: Final = (0x93, 0x94)  # msgpack fixarray of 3 or 4: the previous encoding
+
+assert len(STATIC_HEADERS) <= _NAME_BASE
+assert _NAME_BASE + len(STATIC_NAMES) <= 128  # one byte each: msgpack positive fixints
+_PAIR_CODES = {pair: code for code, pair in enumerate(STATIC_HEADERS) if code > 1}
+_NAME_CODES = {name: _NAME_BASE + code for code, name in enumerate(STATIC_NAMES)}
+_LENGTH_CODES = {"Content-Length": 0, "content-length": 1}
+# Headers whose values are often IMF-fixdates; other names keep their value as text.
+_DATE_NAMES = frozenset({"Date", "date", "Last-Modified", "last-modified", "Expires", "expires"})
+
+
+def _date_seconds(value: str) -> int | None:
+    """The unix time of an IMF-fixdate that formats back to exactly ``value``, else None."""
+    if len(value) != 29 or not value.endswith(" GMT"):
+        return None
+    try:
+        parsed = parsedate_tz(value)
+        if parsed is None or parsed[9] != 0:
+            return None
+        seconds = calendar.timegm((*parsed[:6], 0, 0, 0))
+    except (ValueError, IndexError, OverflowError):
+        return None
+    return seconds if 0 <= seconds < 2**32 and formatdate(seconds, usegmt=True) == value else None
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(StoredResponse)
+_decoder = msgspec.msgpack.Decoder()
+_old_decoder = msgspec.msgpack.Decoder(StoredResponse)
 
 
 def encode_response(response: StoredResponse) -> bytes:
-    return _encoder.encode(response)
+    length = str(len(response.body))
+    items: list[str | int] = []
+    for name, value in response.headers:
+        code = _PAIR_CODES.get((name, value))
+        if code is not None:
+            items.append(code)
+            continue
+        if value == length and name in _LENGTH_CODES:
+            items.append(_LENGTH_CODES[name])
+            continue
+        items.append(_NAME_CODES.get(name, name))
+        seconds = _date_seconds(value) if name in _DATE_NAMES else None
+        items.append(value if seconds is None else seconds)
+    fields: list[Any] = [response.status, items, response.body]
+    if response.reason:
+        fields.append(response.reason)
+    return _FORMAT + _encoder.encode(fields)
 
 
 def decode_response(data: bytes) -> StoredResponse:
-    return _decoder.decode(data)
+    if data[0] in _OLD_FORMATS:
+        return _old_decoder.decode(data)
+    if data[:1] != _FORMAT:
+        raise ValueError(f"unknown stored response format {data[:1]!r}")
+    status, items, body, *reason = _decoder.decode(memoryview(data)[1:])
+    headers: list[tuple[str, str]] = []
+    i, count = 0, len(items)
+    while i < count:
+        item = items[i]
+        if isinstance(item, int) and item < _NAME_BASE:
+            name, value = STATIC_HEADERS[item]
+            headers.append((name, value if item > 1 else str(len(body))))
+            i += 1
+            continue
+        name = STATIC_NAMES[item - _NAME_BASE] if isinstance(item, int) else item
+        value = items[i + 1]
+        headers.append((name, formatdate(value, usegmt=True) if isinstance(value, int) else value))
+        i += 2
+    return StoredResponse(status, headers, body, reason[0] if reason else "")
 
 
 @dataclass(frozen=True, slots=True)

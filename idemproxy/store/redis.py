@@ -3,15 +3,32 @@
 Standalone Redis at a plain ``redis://`` or ``unix://`` URL is spoken to by the pipelined client in
 ``resp``; Sentinel, Cluster, TLS and URLs with options go through redis-py.
 
-A record is a hash: ``s`` state, ``f`` fingerprint, ``t`` lease token, ``c`` creation time (ms),
-``r`` the msgpack-encoded response. Value and expiry are always written by the same script, so no
-reader ever sees a record without its TTL. Because each script names one key, the same scripts
-run unchanged on Redis Cluster.
+A record is one string value (a hash would cost a hashtable once the response outgrows a
+listpack's 64-byte fields)::
+
+    0        state: ``i`` in flight, ``c`` completed, ``u`` completed but not replayable
+    1-6      creation time, ms since the epoch, 48-bit big-endian
+    7-       fingerprint, then lease token: each a tag byte and the bytes it counts. Below 128:
+             the length of UTF-8 text; 0x80 + n: lowercase hex packed into n bytes (a sha256
+             fingerprint takes 32); 0xC0 + n: a proxy's lease token ``<16 hex>-<counter>``,
+             the hex packed and the counter big-endian in as few bytes as it needs
+    rest     the response (``records.encode_response``) of a ``c`` record
+
+Each encoding is one-to-one, so the scripts compare encoded fields as they are: Lua needs only
+``string.byte`` and ``string.sub`` (``_READ``). Value and expiry are always written by the same
+script (``SET ... PX``), so no reader ever sees a record without its TTL; a retried lease or
+completion rewrites its state byte (``SETRANGE``) so that a ``WAIT`` after it covers it. Because
+each script names one key, the same scripts run unchanged on Redis Cluster.
+
+Records of the previous layout, a hash (``s`` state, ``f`` fingerprint, ``t`` token, ``c``
+creation ms, ``r`` msgpack response) written by an older proxy, are still read and fenced: its
+lease blocks, its completed record replays, until it expires. New records are always strings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol, TypeVar
@@ -53,36 +70,152 @@ STORE_TIMEOUT = 2.0
 REPLICAS_CACHE_SECONDS = 1.0
 
 _STATE_CODES = {"i": IN_FLIGHT, "c": COMPLETED, "u": UNREPLAYABLE}
+_STATE_BYTES = {ord(code): state for code, state in _STATE_CODES.items()}
 
-# ARGV: fingerprint, token, lock_ttl_ms, now_ms.
-# Returns 1 when the caller now holds the lease, else {state, fingerprint, token, created, resp}
-# where resp is only filled for a completed record with the same fingerprint.
+# A fingerprint or a token in the record: a tag byte, then the bytes it counts. A tag below 128
+# is the length of UTF-8 text; 0x80 + n: n bytes of packed lowercase hex; 0xC0 + n: a proxy's
+# lease token "<16 hex>-<n>", the hex packed and the counter big-endian (n bytes in all).
+_HEX, _LEASE = 0x80, 0xC0
+_HEX_TEXT = re.compile(r"(?:[0-9a-f]{2}){1,63}")
+_LEASE_TOKEN = re.compile(r"([0-9a-f]{16})-(0|[1-9][0-9]{0,19})")
+
+
+def _field(text: str) -> bytes:
+    if _HEX_TEXT.fullmatch(text):
+        data = bytes.fromhex(text)
+        return bytes((_HEX | len(data),)) + data
+    if (lease := _LEASE_TOKEN.fullmatch(text)) and (n := int(lease[2])) < 2**64:
+        data = bytes.fromhex(lease[1]) + n.to_bytes(max(1, -(-n.bit_length() // 8)), "big")
+        return bytes((_LEASE | len(data),)) + data
+    data = text.encode()
+    if len(data) >= 128:
+        raise ValueError(f"{text[:20]!r}...: a fingerprint or token longer than a record keeps")
+    return bytes((len(data),)) + data
+
+
+def _unfield(value: bytes, at: int) -> tuple[str, int]:
+    """The text of the field at ``at``, and where the next one starts."""
+    tag = value[at]
+    if tag < 0x80:
+        end = at + 1 + tag
+        return value[at + 1 : end].decode(), end
+    end = at + 1 + (tag & 63)
+    data = value[at + 1 : end]
+    if tag & _LEASE == _LEASE:
+        return f"{data[:8].hex()}-{int.from_bytes(data[8:], 'big')}", end
+    return data.hex(), end
+
+
+def _header(fingerprint: str, token: str, created_ms: int) -> bytes:
+    """A new in-flight record: everything but the response (see the module docstring)."""
+    return b"i" + created_ms.to_bytes(6, "big") + _field(fingerprint) + _field(token)
+
+
+def decode_record(value: bytes, expires_in: float | None = None) -> Record:
+    """A record of this layout (a string value) as the store answers it."""
+    fingerprint, at = _unfield(value, 7)
+    token, at = _unfield(value, at)
+    return Record(
+        _STATE_BYTES[value[0]],
+        fingerprint,
+        token,
+        int.from_bytes(value[1:7], "big") / 1000,
+        decode_response(value[at:]) if len(value) > at else None,
+        expires_in,
+    )
+
+
+def _hash_record(fields: list[Any], expires_in: float | None = None) -> Record:
+    """A record of the previous layout, a hash: state, fingerprint, token, created, response."""
+    state, fp, holder, created, resp = fields
+    return Record(
+        _STATE_CODES[state.decode()],
+        fp.decode(),
+        holder.decode(),
+        int(created) / 1000,
+        decode_response(resp) if resp else None,
+        expires_in,
+    )
+
+
+# Every script starts with this. A string is a record of this layout; a hash is one of the
+# previous layout (written by an older proxy), read and fenced as the previous scripts did.
+# record(key) -> state, fingerprint, token as kept (string: encoded fields; hash: text), the
+# string value (nil for a hash), and the position of the header's last byte. GET's WRONGTYPE on a
+# hash is caught (pcall) but Redis counts it in errorstat_WRONGTYPE: only while old records live.
+_READ = """
+local function size(tag)
+  if tag < 128 then
+    return tag
+  end
+  return tag % 64
+end
+local function fields(v)
+  local f = 8 + size(string.byte(v, 8))
+  local t = f + 1 + size(string.byte(v, f + 1))
+  return string.sub(v, 1, 1), string.sub(v, 8, f), string.sub(v, f + 1, t), t
+end
+local function record(key)
+  local v = redis.pcall('GET', key)
+  if not v then
+    return nil
+  end
+  if type(v) == 'table' then
+    local cur = redis.call('HMGET', key, 's', 'f', 't')
+    return cur[1], cur[2], cur[3], nil, 0
+  end
+  local state, fp, token, last = fields(v)
+  return state, fp, token, v, last
+end
+"""
+
+# ARGV: fingerprint, token, lock_ttl_ms, now_ms, the new record's header (``_header``).
+# Returns 1 when the caller now holds the lease, else the record: its header (with the response
+# only for a completed record with the same fingerprint), or for a hash {state, fingerprint,
+# token, created, resp}.
 ACQUIRE = Script(
-    """
-local cur = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'c')
-if not cur[1] then
-  redis.call('HSET', KEYS[1], 's', 'i', 'f', ARGV[1], 't', ARGV[2], 'c', ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    _READ
+    + """
+local state, fp, token, v, last = record(KEYS[1])
+if not state then
+  redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[3])
   return 1
 end
-if cur[1] == 'i' and cur[3] == ARGV[2] then
+local my_fp, my_token = ARGV[1], ARGV[2]
+if v then
+  local _
+  _, my_fp, my_token = fields(ARGV[5])
+end
+if state == 'i' and token == my_token then
   -- a retried call: written again, so that a WAIT after it covers the lease
-  redis.call('HSET', KEYS[1], 't', ARGV[2])
+  if v then
+    redis.call('SETRANGE', KEYS[1], 0, 'i')
+  else
+    redis.call('HSET', KEYS[1], 't', ARGV[2])
+  end
   return 1
+end
+local same = state == 'c' and fp == my_fp
+if v then
+  if same then
+    return v
+  end
+  return string.sub(v, 1, last)
 end
 local resp = ''
-if cur[1] == 'c' and cur[2] == ARGV[1] then
+if same then
   resp = redis.call('HGET', KEYS[1], 'r')
 end
-return {cur[1], cur[2], cur[3], cur[4], resp}
+return {state, fp, token, redis.call('HGET', KEYS[1], 'c'), resp}
 """
 )
 
-# ARGV: token, lock_ttl_ms
+# ARGV: token, lock_ttl_ms, the token's field (``_field``)
 RENEW = Script(
-    """
-local cur = redis.call('HMGET', KEYS[1], 's', 't')
-if cur[1] == 'i' and cur[2] == ARGV[1] then
+    _READ
+    + """
+local state, _, token, v = record(KEYS[1])
+if state == 'i' and token == (v and ARGV[3] or ARGV[1]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
@@ -90,32 +223,42 @@ return 0
 """
 )
 
-# ARGV: token, new state ('c' or 'u'), encoded response, ttl_ms
+# ARGV: token, new state ('c' or 'u'), encoded response, ttl_ms, the token's field
 COMPLETE = Script(
-    """
-local cur = redis.call('HMGET', KEYS[1], 's', 't')
-if cur[2] ~= ARGV[1] then
+    _READ
+    + """
+local state, _, token, v, last = record(KEYS[1])
+if not state or token ~= (v and ARGV[5] or ARGV[1]) then
   return 0
 end
-if cur[1] == 'i' then
-  redis.call('HSET', KEYS[1], 's', ARGV[2], 'r', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if state == 'i' then
+  if v then
+    redis.call('SET', KEYS[1], ARGV[2] .. string.sub(v, 2, last) .. ARGV[3], 'PX', ARGV[4])
+  else
+    redis.call('HSET', KEYS[1], 's', ARGV[2], 'r', ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  end
   return 1
 end
-if cur[1] == ARGV[2] then
+if state == ARGV[2] then
   -- a retried completion: written again, so that a WAIT after it covers the record
-  redis.call('HSET', KEYS[1], 's', ARGV[2])
+  if v then
+    redis.call('SETRANGE', KEYS[1], 0, state)
+  else
+    redis.call('HSET', KEYS[1], 's', state)
+  end
   return 1
 end
 return 0
 """
 )
 
-# ARGV: token
+# ARGV: token, the token's field
 RELEASE = Script(
-    """
-local cur = redis.call('HMGET', KEYS[1], 's', 't')
-if cur[1] == 'i' and cur[2] == ARGV[1] then
+    _READ
+    + """
+local state, _, token, v = record(KEYS[1])
+if state == 'i' and token == (v and ARGV[2] or ARGV[1]) then
   redis.call('DEL', KEYS[1])
   return 1
 end
@@ -123,13 +266,19 @@ return 0
 """
 )
 
+# Returns 0, or {value, pttl} for a string, or {state, fingerprint, token, created, resp, pttl}.
 GET = Script(
-    """
-local cur = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'c', 'r')
-if not cur[1] then
+    _READ
+    + """
+local state, fp, token, v = record(KEYS[1])
+if not state then
   return 0
 end
-return {cur[1], cur[2], cur[3], cur[4], cur[5] or '', redis.call('PTTL', KEYS[1])}
+if v then
+  return {v, redis.call('PTTL', KEYS[1])}
+end
+local cur = redis.call('HMGET', KEYS[1], 'c', 'r')
+return {state, fp, token, cur[1], cur[2] or '', redis.call('PTTL', KEYS[1])}
 """
 )
 
@@ -338,7 +487,8 @@ class RedisStore:
     async def acquire(
         self, key: str, fingerprint: str, token: str, lock_ttl: float
     ) -> Record | None:
-        args = (fingerprint, token, _ms(lock_ttl), int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
+        args = (fingerprint, token, _ms(lock_ttl), now_ms, _header(fingerprint, token, now_ms))
         result: Any
         if self._replicas:
             result, acked = await self._run_waited(ACQUIRE, key, args)
@@ -355,23 +505,17 @@ class RedisStore:
             result = await self._call(self._client.run(ACQUIRE, key, args))
         if result == 1:
             return None
-        state, fp, holder, created, resp = result
-        return Record(
-            _STATE_CODES[state.decode()],
-            fp.decode(),
-            holder.decode(),
-            int(created) / 1000,
-            decode_response(resp) if resp else None,
-        )
+        return decode_record(result) if isinstance(result, bytes) else _hash_record(result)
 
     async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
-        return bool(await self._call(self._client.run(RENEW, key, (token, _ms(lock_ttl)))))
+        args = (token, _ms(lock_ttl), _field(token))
+        return bool(await self._call(self._client.run(RENEW, key, args)))
 
     async def complete(
         self, key: str, token: str, response: StoredResponse | None, ttl: float
     ) -> bool:
         state, data = ("c", encode_response(response)) if response is not None else ("u", b"")
-        args = (token, state, data, _ms(ttl))
+        args = (token, state, data, _ms(ttl), _field(token))
         if not self._replicas:
             return bool(await self._call(self._client.run(COMPLETE, key, args)))
         done, acked = await self._run_waited(COMPLETE, key, args)
@@ -380,21 +524,17 @@ class RedisStore:
         return bool(done)
 
     async def release(self, key: str, token: str) -> bool:
-        return bool(await self._call(self._client.run(RELEASE, key, (token,))))
+        return bool(await self._call(self._client.run(RELEASE, key, (token, _field(token)))))
 
     async def get(self, key: str) -> Record | None:
         result: Any = await self._call(self._client.run(GET, key, ()))
         if result == 0:
             return None
-        state, fp, holder, created, resp, pttl = result
-        return Record(
-            _STATE_CODES[state.decode()],
-            fp.decode(),
-            holder.decode(),
-            int(created) / 1000,
-            decode_response(resp) if resp else None,
-            max(0, int(pttl)) / 1000,
-        )
+        *fields, pttl = result
+        expires_in = max(0, int(pttl)) / 1000
+        if len(fields) == 1:
+            return decode_record(fields[0], expires_in)
+        return _hash_record(fields, expires_in)
 
     async def delete(self, key: str) -> bool:
         return bool(await self._call(self._client.delete(key)))

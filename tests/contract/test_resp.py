@@ -36,6 +36,7 @@ from idemproxy.store.redis import (
     STORE_TIMEOUT,
     RedisStore,
     _RedisPy,
+    decode_record,
 )
 from idemproxy.store.resp import (
     NotSent,
@@ -282,7 +283,7 @@ async def scenario_restart(servers: Servers) -> None:
             server.start()
             raw = raw_client(server)
             assert await store.acquire("r:again", FP, "t3", LONG) is None
-            assert await raw.hget("r:again", "t") == b"t3"
+            assert decode_record(await raw.get("r:again")).token == "t3"
         finally:
             await raw.aclose()
     finally:
@@ -468,7 +469,7 @@ async def scenario_auth_and_db(servers: Servers) -> None:
                 await store.close()
             in_db = raw_client(server, db=db, password=PASSWORD)
             try:
-                assert await in_db.hget(f"auth:{i}", "t") == f"t{i}".encode(), url
+                assert decode_record(await in_db.get(f"auth:{i}")).token == f"t{i}", url
             finally:
                 await in_db.aclose()
             assert await admin.exists(f"auth:{i}") == 0, url  # not in db 0
@@ -534,7 +535,7 @@ async def scenario_unix_socket(servers: Servers) -> None:
         record = await store.get("unix:1")
         assert record is not None
         assert record.response == RESPONSE
-        assert await raw.hget("unix:1", "s") == b"c"  # in db 1, seen over TCP
+        assert decode_record(await raw.get("unix:1")).state == COMPLETED  # in db 1, over TCP
         unix_clients = [c for c in await raw.client_list() if "U" in c["flags"]]
         assert [c["db"] for c in unix_clients] == ["1"]  # the store came over the socket
     finally:

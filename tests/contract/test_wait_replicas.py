@@ -42,10 +42,10 @@ class Replicated:
         self.replica.process.send_signal(signal.SIGCONT)
 
     def on_replica(self, key: str) -> str:
-        return cli(self.replica.port, "hget", key, "s").strip()
+        return cli(self.replica.port, "getrange", key, "0", "0").strip()
 
     def on_master(self, key: str) -> str:
-        return cli(self.master.port, "hget", key, "s").strip()
+        return cli(self.master.port, "getrange", key, "0", "0").strip()
 
 
 def wait_for_link(replica: RedisProcess) -> None:
