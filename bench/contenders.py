@@ -202,6 +202,10 @@ class Target:
     procs: list[subprocess.Popen[bytes]]
     admin: str | None = None  # idemproxy's admin base URL
     metered: list[int] = field(default_factory=list)  # PIDs whose CPU time is counted, if not ours
+    store_pid: int | None = None  # the redis-server it uses
+
+    def store_cpu_seconds(self) -> float:
+        return cpu_seconds(self.store_pid) if self.store_pid is not None else 0.0
 
     def pids(self) -> list[int]:
         pids: list[int] = []
@@ -329,7 +333,9 @@ class Lab:
         self.redis_port = free_port()
         self.upstream_url = f"http://{HOST}:{self.upstream_port}"
         self.upstream: subprocess.Popen[bytes] | None = None
+        self.redis_pid = 0
         self.replicated_port: int | None = None  # the master that has one replica
+        self.replicated_pid = 0
 
     def redis_url(self, port: int | None = None) -> str:
         return f"redis://{HOST}:{port or self.redis_port}/0"
@@ -368,13 +374,13 @@ class Lab:
             [sys.executable, str(HERE / "upstream.py"), "--port", str(self.upstream_port)],
         )
         wait_port(self.upstream_port, [self.upstream])
-        self._start_redis("redis", self.redis_port)
+        self.redis_pid = self._start_redis("redis", self.redis_port).pid
 
     def replicated_master(self) -> int:
         """The port of a Redis master with one connected replica (started on first use)."""
         if self.replicated_port is None:
             master, replica = free_port(), free_port()
-            self._start_redis("redis-master", master)
+            self.replicated_pid = self._start_redis("redis-master", master).pid
             self._start_redis("redis-replica", replica, "--replicaof", HOST, str(master))
             client = self.redis_client(master)
             deadline = time.monotonic() + 15
@@ -416,7 +422,7 @@ class Lab:
         ]
         proc = self.procs.start(contender.kind, command)
         wait_port(port, [proc])
-        return Target(contender.label, f"http://{HOST}:{port}", [proc])
+        return Target(contender.label, f"http://{HOST}:{port}", [proc], store_pid=self.redis_pid)
 
     def _minimal(self, contender: Contender) -> Target:
         port = free_port()
@@ -460,12 +466,14 @@ class Lab:
         wait_replicas = contender.wait_replicas or 0
         policy = self.tmp / f"policy-wait{wait_replicas}.yaml"
         policy.write_text(policy_yaml(wait_replicas))
+        store_pid: int | None = None
         if contender.store == "memory":
             store = "memory://"
         elif contender.wait_replicas is not None:
             store = self.redis_url(self.replicated_master())
+            store_pid = self.replicated_pid
         else:
-            store = self.redis_url()
+            store, store_pid = self.redis_url(), self.redis_pid
         command = [
             sys.executable,
             "-m",
@@ -503,7 +511,11 @@ class Lab:
             tail = log_file.read_text(errors="replace")[-400:] if log_file.exists() else ""
             raise NotStarted(f"{exc}: {tail.strip()}") from exc
         return Target(
-            contender.label, f"http://{HOST}:{port}", [proc], admin=f"http://{HOST}:{admin}"
+            contender.label,
+            f"http://{HOST}:{port}",
+            [proc],
+            admin=f"http://{HOST}:{admin}",
+            store_pid=store_pid,
         )
 
     def stop(self, target: Target) -> None:

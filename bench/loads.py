@@ -232,6 +232,7 @@ class Row:
     connections: int
     runs: list[Run] = field(default_factory=list)
     cpu_seconds: float = 0.0  # the contender's CPU time over the timed runs
+    store_cpu_seconds: float = 0.0  # its redis-server's
     peak_rss_kib: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
@@ -255,8 +256,16 @@ class Row:
     @property
     def cpu_us(self) -> float:
         """CPU µs per request served: steady where req/s is not (the cores are shared)."""
+        return self._per_request(self.cpu_seconds)
+
+    @property
+    def store_cpu_us(self) -> float:
+        """Redis' CPU µs per request served (0 without Redis)."""
+        return self._per_request(self.store_cpu_seconds)
+
+    def _per_request(self, seconds: float) -> float:
         served = sum(r.requests for r in self.runs)
-        return self.cpu_seconds * 1e6 / served if served else float("nan")
+        return seconds * 1e6 / served if served else float("nan")
 
 
 Case = tuple[Scenario, int]  # a scenario at a connection count
@@ -309,8 +318,10 @@ class Bench:
         run_load(warm)
         timed = Load(target.url, scenario, connections, self.seconds, self.generator, prefix)
         before_cpu, before = target.cpu_seconds(), Counter(target.outcomes())
+        before_store = target.store_cpu_seconds()
         run = run_load(timed)
         row.cpu_seconds += target.cpu_seconds() - before_cpu
+        row.store_cpu_seconds += target.store_cpu_seconds() - before_store
         row.outcomes.update(Counter(target.outcomes()) - before)
         row.runs.append(run)
         self.say(

@@ -318,14 +318,15 @@ def goals(figures: Figures, ctx: Context) -> list[str]:
 def table(rows: Rows) -> list[str]:
     lines = [
         "| scenario | contender | conns | req/s | p50 ms | p99 ms | errors | peak RSS MiB "
-        "| CPU µs/req |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU µs/req | Redis CPU µs/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows.values():
         rss = f"{row.peak_rss_kib / 1024:.1f}" if row.peak_rss_kib else "—"
         lines.append(
             f"| {row.scenario} | {row.target} | {row.connections} | {row.rps:,.0f} | "
-            f"{row.p50_ms:.3f} | {row.p99_ms:.3f} | {row.errors} | {rss} | {row.cpu_us:.0f} |"
+            f"{row.p50_ms:.3f} | {row.p99_ms:.3f} | {row.errors} | {rss} | {row.cpu_us:.0f} "
+            f"| {row.store_cpu_us:.0f} |"
         )
     return lines
 
@@ -548,7 +549,8 @@ def render(rows: Rows, ctx: Context, lab: Lab, note: str = "") -> str:
         "off; so each ratio is conservative for idemproxy.",
         "- CPU µs/req: user + system CPU time of the contender's processes (nginx master + "
         "workers, both minimal-proxy processes, idemproxy's supervisor + workers) during the "
-        "timed runs, divided by the requests the load generator counted. Peak RSS: VmHWM of "
+        "timed runs, divided by the requests the load generator counted; Redis CPU µs/req the "
+        "same for the redis-server it uses. Peak RSS: VmHWM of "
         "those processes, summed, the highest over the repetitions.",
         "- `wait_replicas`: idemproxy on its own Redis master with one replica (both on "
         "loopback), `wait_replicas` 0 and 1; the replication round trip above is the time of "
