@@ -242,7 +242,7 @@ class Contender:
 
     kind: str  # direct | minimal | nginx | idemproxy | naive | peer
     label: str
-    workers: int = 1
+    workers: int = 1  # processes; for nginx 0 is ``worker_processes auto``
     wait_replicas: int | None = None  # idemproxy on the replicated master when not None
     store: str = "redis"  # idemproxy: redis | memory
 
