@@ -8,7 +8,8 @@ measured per request with ``time.perf_counter`` around send-and-read-body. It ru
 one process, so it saturates one core at a few thousand requests per second: figures taken with
 it are lower than with wrk, and say so in the table's header.
 
-Modes mirror the wrk scripts: ``get`` (pass-through), ``new`` (unique Idempotency-Key per
+Modes mirror the wrk scripts: ``get`` (pass-through), ``post`` and ``put-large`` (an unkeyed
+POST of the small JSON body, a PUT of 1 MiB, as bench/body.lua), ``new`` (unique Idempotency-Key per
 request, as bench/new_keys.lua), ``replay`` (keys cycled from a fixed set, as
 bench/replay_keys.lua).
 
@@ -30,6 +31,8 @@ import uvloop
 
 BODY = b'{"sku":"tea","qty":1}'
 JSON_HEADERS = {"Content-Type": "application/json"}
+LARGE_BODY = b"x" * 1024 * 1024
+OCTET_HEADERS = {"Content-Type": "application/octet-stream"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,10 @@ async def drive(
                     return
                 if mode == "get":
                     method, headers, data = "GET", None, None
+                elif mode == "post":
+                    method, headers, data = "POST", JSON_HEADERS, BODY
+                elif mode == "put-large":
+                    method, headers, data = "PUT", OCTET_HEADERS, LARGE_BODY
                 elif mode == "new":
                     headers = {**JSON_HEADERS, "Idempotency-Key": f"{prefix}-{number}"}
                     method, data = "POST", BODY
@@ -143,7 +150,9 @@ async def send_keys(url: str, keys: list[str], concurrency: int = 32) -> SeedRes
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--mode", choices=("get", "new", "replay"), default="get")
+    parser.add_argument(
+        "--mode", choices=("get", "post", "put-large", "new", "replay"), default="get"
+    )
     parser.add_argument("-c", "--connections", type=int, default=64)
     parser.add_argument("-d", "--duration", type=float, default=10.0, help="seconds")
     parser.add_argument("--max-requests", type=int)

@@ -169,11 +169,10 @@ def main() -> None:
     for mode in args.modes.split(","):
         try:
             import uvloop
-
-            run = uvloop.run
         except ImportError:
-            run = asyncio.run
-        results = run(measure(mode, args.requests, args.rounds))
+            results = asyncio.run(measure(mode, args.requests, args.rounds))
+        else:
+            results = uvloop.run(measure(mode, args.requests, args.rounds))
         for name, (median, best, calls) in results.items():
             print(f"| {mode} | {name} | {median:.1f} | {best:.1f} | {calls:.0f} |")
 
