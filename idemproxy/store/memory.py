@@ -77,7 +77,8 @@ def _entry(
 ) -> bytes:
     flags, fp = _pack_fingerprint(fingerprint)
     tok = token.encode(_UTF8, _ERRORS)
-    return _ENTRY.pack(state, flags, created_at, deadline, len(fp), len(tok)) + fp + tok + response
+    head = _ENTRY.pack(state, flags, created_at, deadline, len(fp), len(tok))
+    return b"".join((head, fp, tok, response))
 
 
 def _with(value: bytes, state: int, deadline: float, response: bytes = b"") -> bytes:
@@ -85,7 +86,7 @@ def _with(value: bytes, state: int, deadline: float, response: bytes = b"") -> b
     _, flags, created_at, _, fp_len, tok_len = _ENTRY.unpack_from(value)
     end = _ENTRY.size + fp_len + tok_len
     head = _ENTRY.pack(state, flags, created_at, deadline, fp_len, tok_len)
-    return head + value[_ENTRY.size : end] + response
+    return b"".join((head, memoryview(value)[_ENTRY.size : end], response))
 
 
 def _deadline(value: bytes) -> float:
@@ -122,8 +123,8 @@ def _fingerprint_is(value: bytes, fingerprint: str) -> bool:
 
 def _token_is(value: bytes, token: str) -> bool:
     _, _, _, _, fp_len, tok_len = _ENTRY.unpack_from(value)
-    start = _ENTRY.size + fp_len
-    return value[start : start + tok_len] == token.encode(_UTF8, _ERRORS)
+    tok = token.encode(_UTF8, _ERRORS)
+    return len(tok) == tok_len and value.startswith(tok, _ENTRY.size + fp_len)
 
 
 def _records(log: bytearray | bytes) -> Iterator[tuple[int, float, str]]:
