@@ -206,6 +206,11 @@ def _fail(futures: list[asyncio.Future[Any]], reason: BaseException) -> None:
             future.set_exception(reason)
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _fan_out(shared: asyncio.Future[Any], batch: list[_Held]) -> None:
     """Pass one WAIT reply on to every caller that shares it."""
     if shared.cancelled():
@@ -246,6 +251,7 @@ class PipelinedRedis:
         self._lane_opening: asyncio.Future[_Connection] | None = None
         # Waited scripts not yet written, by their packed WAIT (in practice there is one).
         self._held: dict[bytes, list[_Held]] = {}
+        self._waits: dict[tuple[int, int], bytes] = {}  # packed WAITs
         self._dispatch_due = False
 
     def execute(self, *args: Arg) -> Awaitable[Any]:
@@ -273,15 +279,26 @@ class PipelinedRedis:
     ) -> tuple[Any, int]:
         """Run ``script`` and, on the same lane after it, ``WAIT replicas timeout_ms``; return
         the script's reply and how many replicas acknowledged (0 when the WAIT failed)."""
-        wait = _pack(("WAIT", replicas, timeout_ms))
+        wait = self._waits.get((replicas, timeout_ms))
+        if wait is None:
+            wait = self._waits[(replicas, timeout_ms)] = _pack(("WAIT", replicas, timeout_ms))
         for command in (("EVALSHA", script.sha), ("EVAL", script.source)):
             held = self._send_waited(_pack((*command, 1, key, *args)), wait)
-            results: Any = await asyncio.gather(held.reply, held.acked, return_exceptions=True)
-            reply, acked = results
-            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                continue
-            if isinstance(reply, BaseException):
-                raise reply
+            # The script's reply comes first (same lane, in order), then its WAIT's.
+            try:
+                reply = await held.reply
+            except BaseException as exc:
+                # Nobody awaits the WAIT's reply now: it is retrieved, or never asked for.
+                held.acked.add_done_callback(_retrieve)
+                if not isinstance(exc, ReplyError):
+                    held.acked.cancel()
+                elif str(exc).startswith("NOSCRIPT"):
+                    continue
+                raise
+            try:
+                acked = await held.acked
+            except Exception:  # the lane was lost or timed out: not acknowledged
+                return reply, 0
             return reply, acked if isinstance(acked, int) else 0
         raise ReplyError("NOSCRIPT after EVAL")  # pragma: no cover - EVAL never answers it
 

@@ -10,6 +10,7 @@ looked at with CLIENT LIST on the master.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -302,3 +303,56 @@ async def test_close_before_a_lane_is_open_fails_held_scripts_and_leaves_no_conn
         await asyncio.sleep(0.02)
     assert await others(raw) == []
     assert replicated.on_master("k") == ""
+
+
+async def test_cancelled_waited_callers_shift_no_reply_and_leave_no_unretrieved_error(
+    replicated: Replicated, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = waited_store(replicated, wait_timeout=2.0)
+    try:
+        for rounds in range(3):
+            tasks = []
+            for i in range(90):
+                key = f"cancel:{rounds}:{i}"
+                tasks.append(asyncio.ensure_future(store.acquire(key, f"fp-{i}", f"t-{i}", LONG)))
+                if i % 10 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            for task in tasks[::3]:
+                task.cancel()  # held, written or answered: each its own outcome
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Whoever holds a key, every reply reaches its own caller.
+            again = await asyncio.gather(
+                *(
+                    store.acquire(f"cancel:{rounds}:{i}", f"fp-{i}", "other", LONG)
+                    for i in range(90)
+                )
+            )
+            for i, record in enumerate(again):
+                if record is not None:
+                    assert (record.fingerprint, record.token) == (f"fp-{i}", f"t-{i}")
+                else:
+                    assert i % 3 == 0  # a cancelled acquire that never ran: "other" has it now
+        # Lanes lost before Redis answered (the master frozen), some callers cancelled: the
+        # WAITs' errors are retrieved, not logged.
+        assert replicated.master.process is not None
+        pid = replicated.master.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            pending = []
+            for i in range(9):
+                pending.append(asyncio.ensure_future(store.acquire(f"lost:{i}", "fp", "t", LONG)))
+                await asyncio.sleep(0.01)
+            for task in pending[::2]:
+                task.cancel()
+            await store.close()
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            assert all(isinstance(r, StoreUnavailable | asyncio.CancelledError) for r in results)
+            del pending, results  # their tracebacks hold the futures
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        gc.collect()
+        await asyncio.sleep(0)
+        assert "exception was never retrieved" not in caplog.text
+    finally:
+        await store.close()
