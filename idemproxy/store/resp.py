@@ -1,14 +1,26 @@
 """A pipelined Redis client for the hot path: standalone Redis over TCP or a unix socket.
 
-All commands share one connection. Under load, those issued in the same loop iteration leave in
+Commands share one connection. Under load, those issued in the same loop iteration leave in
 one write (a command with nothing else in flight goes at once), and Redis answers in order, so
 replies are matched to callers first in, first out. N concurrent requests cost one system call
 each way instead of N, and none of redis-py's per-command pool checkout, encoder and parser
 layers. Sentinel, Cluster, TLS and URL options stay on redis-py.
 
+Scripts followed by a ``WAIT`` (``run_waited``) go on connections of their own, "lanes". Redis
+blocks a client for as long as its WAIT is pending and reads nothing more from it meanwhile, so
+on one shared connection every later command, waited or not, would queue behind each
+replication round trip, one WAIT after the other. Instead, a waited batch is written to a lane
+with no WAIT pending, followed by one WAIT that covers every write of the batch (a WAIT counts
+the writes of the connection it is sent on, so script and WAIT always share a lane). While
+every lane is blocked, waited scripts are held, and the next lane to be answered takes all of
+them under one WAIT: group commit, at most ``_LANES`` WAITs pending at once. Other commands
+stay on the main connection, which never WAITs.
+
 Timeouts: instead of a timer per command, a watchdog looks at the oldest unanswered command
 twice a second; when it is older than the store timeout the connection is dropped, which fails
-every command on it. In-order replies make the oldest command the one that tells.
+every command on it. In-order replies make the oldest command the one that tells. A held
+script waits at most until a lane answers or is dropped, or until a lane's connect attempt
+fails.
 """
 
 from __future__ import annotations
@@ -18,12 +30,15 @@ import hashlib
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import hiredis
 
 _WATCHDOG_INTERVAL = 0.5
+# Connections for waited scripts: at most this many WAITs pending at once.
+_LANES = 2
 
 Arg = bytes | str | int
 
@@ -73,6 +88,15 @@ def fast_path_supports(url: str) -> bool:
     return parts.scheme in ("redis", "unix") and options <= {"db"}
 
 
+@dataclass(slots=True)
+class _Held:
+    """A waited script: its packed command, its reply's future and its WAIT's."""
+
+    command: bytes
+    reply: asyncio.Future[Any]
+    acked: asyncio.Future[Any]
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self._loop = loop
@@ -84,8 +108,6 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._ended: BaseException | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        # The WAIT that closes the batch being gathered, and the callers waiting for it.
-        self._batch_wait: tuple[bytes, list[asyncio.Future[Any]]] | None = None
 
     @property
     def usable(self) -> bool:
@@ -118,68 +140,51 @@ class _Connection(asyncio.Protocol):
             future = self._waiting.popleft()[0]
             if not future.done():
                 future.set_exception(self._ended)
-        if self._batch_wait is not None:
-            _fail(self._batch_wait[1], self._ended)
-            self._batch_wait = None
         self._transport = None
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
-        return self._send(command, None)[0]
-
-    def send_waited(
-        self, command: bytes, wait: bytes
-    ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
-        """Send ``command`` followed, in the same write, by ``wait`` (a packed WAIT); return
-        the command's future and the WAIT's. The commands batched in one loop iteration share
-        one WAIT, written after the last of them: it covers every write before it."""
-        return self._send(command, wait)
-
-    def _send(
-        self, command: bytes, wait: bytes | None
-    ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
         future = self._loop.create_future()
         transport = self._transport
         if self._ended is not None or transport is None:
             future.set_exception(self._ended or ConnectionResetError("not connected"))
-            return future, future
-        deadline = self._loop.time() + self._timeout
-        self._waiting.append((future, deadline))
+            return future
+        self._waiting.append((future, self._loop.time() + self._timeout))
         if not self._outgoing and len(self._waiting) == 1:
-            # Nothing else in flight: no batch worth waiting for.
-            if wait is None:
-                transport.write(command)
-                return future, future
-            acked = self._loop.create_future()
-            self._waiting.append((acked, deadline))
-            transport.write(command + wait)
-            return future, acked
+            transport.write(command)  # nothing else in flight: no batch worth waiting for
+            return future
         if not self._outgoing:  # the first of a batch: a flush is due later in this iteration
             self._loop.call_soon(self._flush)
         self._outgoing.append(command)
-        if wait is None:
-            return future, future
-        # Each caller gets a future of its own: a cancelled caller cancels only its own.
+        return future
+
+    def send_batch(self, batch: list[_Held], wait: bytes) -> asyncio.Future[Any]:
+        """Write every command of ``batch`` and then ``wait`` (a packed WAIT) at once; each
+        command's reply goes to its future, and the WAIT's reply to the future returned."""
         acked = self._loop.create_future()
-        if self._batch_wait is None:
-            self._batch_wait = (wait, [])
-        self._batch_wait[1].append(acked)
-        return future, acked
+        transport = self._transport
+        if self._ended is not None or transport is None:
+            reason = self._ended or ConnectionResetError("not connected")
+            _fail([held.reply for held in batch], reason)
+            acked.set_exception(reason)
+            return acked
+        deadline = self._loop.time() + self._timeout
+        for held in batch:
+            self._waiting.append((held.reply, deadline))
+            self._outgoing.append(held.command)
+        self._waiting.append((acked, deadline))
+        self._outgoing.append(wait)
+        # Anything send() queued earlier leaves first, in order; its pending flush finds
+        # nothing left to write.
+        transport.write(b"".join(self._outgoing))
+        self._outgoing.clear()
+        return acked
 
     def close(self) -> None:
         self._abort(ConnectionResetError("the store was closed"))
 
     def _flush(self) -> None:
-        batch_wait, self._batch_wait = self._batch_wait, None
-        if self._transport is not None and self._ended is None:
-            if batch_wait is not None:
-                wait, callers = batch_wait
-                shared = self._loop.create_future()
-                shared.add_done_callback(lambda done: _fan_out(done, callers))
-                self._waiting.append((shared, self._loop.time() + self._timeout))
-                self._outgoing.append(wait)
+        if self._outgoing and self._transport is not None and self._ended is None:
             self._transport.write(b"".join(self._outgoing))
-        elif batch_wait is not None:
-            _fail(batch_wait[1], self._ended or ConnectionResetError("not connected"))
         self._outgoing.clear()
 
     def _watch(self) -> None:
@@ -201,23 +206,29 @@ def _fail(futures: list[asyncio.Future[Any]], reason: BaseException) -> None:
             future.set_exception(reason)
 
 
-def _fan_out(shared: asyncio.Future[Any], callers: list[asyncio.Future[Any]]) -> None:
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _fan_out(shared: asyncio.Future[Any], batch: list[_Held]) -> None:
     """Pass one WAIT reply on to every caller that shares it."""
     if shared.cancelled():
-        return _fail(callers, ConnectionResetError("the store was closed"))
+        return _fail([held.acked for held in batch], ConnectionResetError("the store was closed"))
     error = shared.exception()
-    for future in callers:
-        if future.done():
+    for held in batch:
+        if held.acked.done():  # its caller gave up (cancelled)
             continue
         if error is not None:
-            future.set_exception(error)
+            held.acked.set_exception(error)
         else:
-            future.set_result(shared.result())
+            held.acked.set_result(shared.result())
     return None
 
 
 class PipelinedRedis:
-    """One pipelined connection to a standalone Redis, opened on first use and after a loss."""
+    """A pipelined connection to a standalone Redis, opened on first use and after a loss, and
+    up to ``_LANES`` more for waited scripts, opened as they are needed."""
 
     def __init__(self, url: str, timeout: float) -> None:
         parts = urlsplit(url)
@@ -232,6 +243,16 @@ class PipelinedRedis:
         self._timeout = timeout
         self._connection: _Connection | None = None
         self._opening: asyncio.Future[_Connection] | None = None
+        # Bumped by close(): a connection whose attempt began before it is closed on arrival.
+        self._generation = 0
+        # Lanes: every open one, those with no WAIT pending, and the attempt opening one more.
+        self._lanes: list[_Connection] = []
+        self._idle: list[_Connection] = []
+        self._lane_opening: asyncio.Future[_Connection] | None = None
+        # Waited scripts not yet written, by their packed WAIT (in practice there is one).
+        self._held: dict[bytes, list[_Held]] = {}
+        self._waits: dict[tuple[int, int], bytes] = {}  # packed WAITs
+        self._dispatch_due = False
 
     def execute(self, *args: Arg) -> Awaitable[Any]:
         """Send one command; the reply is awaited. Connected, that is the reply's future itself:
@@ -256,22 +277,115 @@ class PipelinedRedis:
     async def run_waited(
         self, script: Script, key: str, args: tuple[Arg, ...], replicas: int, timeout_ms: int
     ) -> tuple[Any, int]:
-        """Run ``script`` and, in the same write, ``WAIT replicas timeout_ms``; return the
-        script's reply and how many replicas acknowledged (0 when the WAIT failed)."""
-        wait = _pack(("WAIT", replicas, timeout_ms))
+        """Run ``script`` and, on the same lane after it, ``WAIT replicas timeout_ms``; return
+        the script's reply and how many replicas acknowledged (0 when the WAIT failed)."""
+        wait = self._waits.get((replicas, timeout_ms))
+        if wait is None:
+            wait = self._waits[(replicas, timeout_ms)] = _pack(("WAIT", replicas, timeout_ms))
         for command in (("EVALSHA", script.sha), ("EVAL", script.source)):
-            connection = self._connection
-            if connection is None or not connection.usable:
-                connection = await self._connect()
-            sent = connection.send_waited(_pack((*command, 1, key, *args)), wait)
-            results: Any = await asyncio.gather(*sent, return_exceptions=True)
-            reply, acked = results
-            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                continue
-            if isinstance(reply, BaseException):
-                raise reply
+            held = self._send_waited(_pack((*command, 1, key, *args)), wait)
+            # The script's reply comes first (same lane, in order), then its WAIT's.
+            try:
+                reply = await held.reply
+            except BaseException as exc:
+                # Nobody awaits the WAIT's reply now: it is retrieved, or never asked for.
+                held.acked.add_done_callback(_retrieve)
+                if not isinstance(exc, ReplyError):
+                    held.acked.cancel()
+                elif str(exc).startswith("NOSCRIPT"):
+                    continue
+                raise
+            try:
+                acked = await held.acked
+            except Exception:  # the lane was lost or timed out: not acknowledged
+                return reply, 0
             return reply, acked if isinstance(acked, int) else 0
         raise ReplyError("NOSCRIPT after EVAL")  # pragma: no cover - EVAL never answers it
+
+    def _send_waited(self, command: bytes, wait: bytes) -> _Held:
+        loop = asyncio.get_running_loop()
+        held = _Held(command, loop.create_future(), loop.create_future())
+        if not self._held and len(self._idle) == len(self._lanes):
+            # No WAIT pending anywhere and nothing held: no batch worth waiting for.
+            lane = self._free_lane()
+            if lane is not None:
+                self._write(lane, wait, [held])
+                return held
+        self._held.setdefault(wait, []).append(held)
+        if not self._dispatch_due:  # the rest of this loop iteration joins the batch
+            self._dispatch_due = True
+            loop.call_soon(self._dispatch)
+        return held
+
+    def _dispatch(self) -> None:
+        """Write each held batch, with its WAIT, to a lane with no WAIT pending; with none
+        free, hold on until one is answered (or opened)."""
+        self._dispatch_due = False
+        while self._held:
+            wait, batch = next(iter(self._held.items()))
+            batch = [held for held in batch if not held.reply.done()]  # cancelled: not sent
+            if not batch:
+                del self._held[wait]
+                continue
+            lane = self._free_lane()
+            if lane is None:
+                self._held[wait] = batch
+                self._open_lane()
+                return
+            del self._held[wait]
+            self._write(lane, wait, batch)
+
+    def _free_lane(self) -> _Connection | None:
+        while self._idle:
+            lane = self._idle.pop()
+            if lane.usable:
+                return lane
+            self._lanes.remove(lane)
+        return None
+
+    def _write(self, lane: _Connection, wait: bytes, batch: list[_Held]) -> None:
+        acked = lane.send_batch(batch, wait)
+        acked.add_done_callback(partial(self._answered, lane, batch))
+
+    def _answered(self, lane: _Connection, batch: list[_Held], acked: asyncio.Future[Any]) -> None:
+        _fan_out(acked, batch)
+        if lane in self._lanes:  # else closed meanwhile
+            if lane.usable:
+                self._idle.append(lane)
+            else:
+                self._lanes.remove(lane)
+        if self._held:
+            self._dispatch()
+
+    def _open_lane(self) -> None:
+        if self._lane_opening is not None or len(self._lanes) >= _LANES:
+            return
+        self._lane_opening = asyncio.ensure_future(self._open())
+        self._lane_opening.add_done_callback(partial(self._lane_opened, self._generation))
+
+    def _lane_opened(self, generation: int, attempt: asyncio.Future[_Connection]) -> None:
+        self._lane_opening = None
+        if attempt.cancelled():
+            return
+        error = attempt.exception()
+        if error is not None:
+            if not self._lanes:  # no lane to wait for: the held scripts fail, never sent
+                self._fail_held(error)
+            return
+        lane = attempt.result()
+        if generation != self._generation:
+            lane.close()
+            return
+        self._lanes.append(lane)
+        self._idle.append(lane)
+        if self._held:
+            self._dispatch()
+
+    def _fail_held(self, reason: BaseException) -> None:
+        held, self._held = self._held, {}
+        for batch in held.values():
+            _fail([h.reply for h in batch], reason)
+            _fail([h.acked for h in batch], reason)
 
     async def replicas(self) -> int:
         return connected_replicas(await self.execute("INFO", "replication"))
@@ -284,15 +398,23 @@ class PipelinedRedis:
         await self.execute("PING")
 
     async def close(self) -> None:
+        """Close every connection; a connect attempt under way is closed when it ends, and
+        waited scripts not yet written fail."""
+        self._generation += 1
+        closed = ConnectionResetError("the store was closed")
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+        lanes, self._lanes, self._idle = self._lanes, [], []
+        for lane in lanes:
+            lane.close()
+        self._fail_held(closed)
 
     async def _connect(self) -> _Connection:
         """Open the connection; callers arriving meanwhile share the one attempt (and its
         time bound) instead of queueing for attempts of their own."""
         if self._opening is None:
-            self._opening = asyncio.ensure_future(self._open())
+            self._opening = asyncio.ensure_future(self._open_main(self._generation))
             self._opening.add_done_callback(self._opened)
         return await asyncio.shield(self._opening)
 
@@ -300,6 +422,14 @@ class PipelinedRedis:
         self._opening = None
         if not attempt.cancelled():
             attempt.exception()  # retrieved here too, in case every caller gave up waiting
+
+    async def _open_main(self, generation: int) -> _Connection:
+        connection = await self._open()
+        if generation != self._generation:
+            connection.close()
+            raise NotSent("the store was closed")
+        self._connection = connection
+        return connection
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -324,5 +454,4 @@ class PipelinedRedis:
         except BaseException:
             connection.close()
             raise
-        self._connection = connection
         return connection
