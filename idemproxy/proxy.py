@@ -146,9 +146,8 @@ class KeyedProxy:
         trace = Trace(request.method, request.path, time.monotonic())
         span = self.tracer.request(request, trace)
         status = CLIENT_CLOSED_REQUEST  # cancelled: the client went away before its answer
-        task = asyncio.current_task()
-        if task is not None:
-            self._handling.add(task)
+        task: asyncio.Task[object] = request.task  # the handler task aiohttp runs this in
+        self._handling.add(task)
         try:
             try:
                 response = await self._dispatch(request, trace)
@@ -185,8 +184,7 @@ class KeyedProxy:
             log.exception("unexpected error while handling a request")
             raise
         finally:
-            if task is not None:
-                self._handling.discard(task)
+            self._handling.discard(task)
             trace.finish(self.metrics, status)
             span.finish(trace, status)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from email.utils import formatdate
 
 import msgspec
@@ -13,6 +14,8 @@ from idemproxy.records import (
     STATIC_HEADERS,
     STATIC_NAMES,
     StoredResponse,
+    _date_seconds,
+    _imf_fixdate,
     decode_response,
     encode_response,
     unusual_reason,
@@ -200,3 +203,22 @@ def test_any_response_replays_exactly(response: StoredResponse) -> None:
 )
 def test_unusual_reason(status: int, reason: str, kept: str) -> None:
     assert unusual_reason(status, reason) == kept
+
+
+def test_stored_dates_format_back_exactly_as_email_utils_does() -> None:
+    """The compact encoding keeps an IMF-fixdate as seconds only when it formats back to the
+    very same text; its own formatter must agree with the standard library's everywhere."""
+    rng = random.Random(18)
+    for seconds in [0, 2**32 - 1, 951_782_400, *(rng.randrange(2**32) for _ in range(20_000))]:
+        text = formatdate(seconds, usegmt=True)
+        assert _imf_fixdate(seconds) == text
+        assert _date_seconds(text) == seconds
+    for kept_as_text in (
+        "Mon, 06 Dec 2026 01:40:00 GMT",  # the wrong weekday
+        "Sun, 06 dec 2026 01:40:00 GMT",
+        "Sun, 31 Feb 2026 01:40:00 GMT",
+        "Sun, 06 Dec 2026 25:40:00 GMT",
+        "Sun, +6 Dec 2026 01:40:00 GMT",
+        "Sun, 06 Dec 2026 01:40:00 UTC",
+    ):
+        assert _date_seconds(kept_as_text) is None
