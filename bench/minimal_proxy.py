@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import Protocol
 
 import aiohttp
 import uvloop
@@ -77,8 +78,24 @@ class MinimalProxy:
             return response
 
 
+class BenchProxy(Protocol):
+    """What ``serve_until_signalled`` runs: this proxy, or bench/naive_proxy.py's."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse: ...
+
+
 async def serve(host: str, port: int, upstream: str, reuse_port: bool, pool: int) -> None:
-    proxy = MinimalProxy(upstream, pool)
+    await serve_until_signalled(MinimalProxy(upstream, pool), host, port, reuse_port)
+
+
+async def serve_until_signalled(
+    proxy: BenchProxy, host: str, port: int, reuse_port: bool = False
+) -> None:
+    """Start ``proxy`` on host:port and serve until SIGTERM or SIGINT."""
     await proxy.start()
     runner = web.ServerRunner(web.Server(proxy.handle, access_log=None))
     await runner.setup()

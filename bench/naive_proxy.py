@@ -14,14 +14,13 @@ round trips for a new key, two for a replay. Requests without a key are forwarde
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
 
 import aiohttp
 import redis.asyncio as aioredis
 import uvloop
 from aiohttp import web
+from minimal_proxy import serve_until_signalled
 
 TTL_SECONDS = 24 * 3600
 FORWARDED = ("Content-Type", "Content-Length")
@@ -82,20 +81,7 @@ class NaiveProxy:
 
 
 async def serve(host: str, port: int, upstream: str, redis_url: str) -> None:
-    proxy = NaiveProxy(upstream, redis_url)
-    await proxy.start()
-    runner = web.ServerRunner(web.Server(proxy.handle, access_log=None))
-    await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        await proxy.close()
+    await serve_until_signalled(NaiveProxy(upstream, redis_url), host, port)
 
 
 def main() -> None:
