@@ -25,62 +25,39 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import cast
 
-HOST = "127.0.0.1"
-ANSWER = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+from tracing_overhead import HOST, PASS, Client, CreatedUpstream, post
+
+import idemproxy
+from idemproxy.app import ProxyServer
+from idemproxy.config import Overrides, load_text
+
 WARM_UP = 200
-
-
-class _Upstream(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(ANSWER * data.count(b"HTTP/1.1\r\n"))
-
-
-def _post(path: str, key: str | None = None) -> bytes:
-    key_line = f"Idempotency-Key: {key}\r\n" if key else ""
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: bench\r\n{key_line}"
-        'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"sku":"tea"}'
-    ).encode()
-
 
 _serial = itertools.count()
 SCENARIOS: dict[str, Callable[[], bytes]] = {
-    "pass-get": lambda: b"GET /items/1 HTTP/1.1\r\nHost: bench\r\n\r\n",
-    "pass-post": lambda: _post("/upload"),
-    "new": lambda: _post("/orders", f"new-{next(_serial):08d}"),
-    "replay": lambda: _post("/orders", f"replay-{next(_serial) % 100:06d}"),
+    "pass-get": lambda: PASS,
+    "pass-post": lambda: post(None, "/upload"),
+    "new": lambda: post(f"new-{next(_serial):08d}"),
+    "replay": lambda: post(f"replay-{next(_serial) % 100:06d}"),
 }
 
 
 async def serve_requests(scenario: str, count: int) -> None:
     """The measured process: ``count`` requests (after a warm-up) through a fresh proxy."""
-    from idemproxy.app import ProxyServer
-    from idemproxy.config import Overrides, load_text
-
     logging.getLogger("idemproxy.access").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
-    upstream = await loop.create_server(_Upstream, HOST, 0)
+    upstream = await loop.create_server(CreatedUpstream, HOST, 0)
     port = upstream.sockets[0].getsockname()[1]
     flags = Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}")
     server = ProxyServer(load_text("", flags=flags))
     await server.start()
-    reader, writer = await asyncio.open_connection(HOST, server.address[1])
+    client = Client(server.address[1])
+    await client.open()
     make = SCENARIOS[scenario]
     for _ in range(WARM_UP + count):
-        writer.write(make())
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
-    writer.close()
+        await client.send(make())
+    client.close()
     await server.stop()
     upstream.close()
 
@@ -124,8 +101,6 @@ def main() -> None:
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
-    import idemproxy
-
     print(f"idemproxy from {os.path.dirname(idemproxy.__file__)}", file=sys.stderr)
     print("| scenario | instructions per request |")
     print("|---|---:|")

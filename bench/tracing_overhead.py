@@ -38,8 +38,9 @@ HOST = "127.0.0.1"
 ANSWER = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
 
-class _Upstream(asyncio.Protocol):
-    """Answers every request head it receives (requests here have tiny bodies in one read)."""
+class CreatedUpstream(asyncio.Protocol):
+    """Answers 201 to every request head it receives (requests here have tiny bodies in one
+    read). bench/instructions.py uses it too."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -91,9 +92,11 @@ class Client:
         self.writer.close()
 
 
-def post(key: str) -> bytes:
+def post(key: str | None, path: str = "/orders") -> bytes:
+    """A 13-byte JSON POST, with ``key`` as its Idempotency-Key (None: without one)."""
+    key_line = f"Idempotency-Key: {key}\r\n" if key else ""
     return (
-        f"POST /orders HTTP/1.1\r\nHost: bench\r\nIdempotency-Key: {key}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: bench\r\n{key_line}"
         'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"sku":"tea"}'
     ).encode()
 
@@ -112,7 +115,7 @@ def scenarios() -> dict[str, Callable[[], bytes]]:
 
 async def measure(mode: str, requests: int, rounds: int) -> dict[str, tuple[float, float, float]]:
     loop = asyncio.get_running_loop()
-    upstream = await loop.create_server(_Upstream, HOST, 0)
+    upstream = await loop.create_server(CreatedUpstream, HOST, 0)
     sink = await loop.create_server(_Sink, HOST, 0)
     upstream_port = upstream.sockets[0].getsockname()[1]
     sink_port = sink.sockets[0].getsockname()[1]
