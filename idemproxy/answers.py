@@ -63,7 +63,14 @@ def buffered(
     status: int, headers: list[tuple[str, str]], body: bytes, reason: str = ""
 ) -> web.Response:
     """A whole answer; ``reason`` empty: the standard phrase of ``status``."""
-    response = VerbatimResponse(status=status, reason=reason or None)
+    return _whole(status, reason or None, headers, body)
+
+
+def _whole(
+    status: int, reason: str | None, headers: list[tuple[str, str]], body: bytes
+) -> web.Response:
+    """A whole answer with ``reason`` as given (None: the standard phrase)."""
+    response = VerbatimResponse(status=status, reason=reason)
     for name, value in headers:
         response.headers.add(name, value)
     response.body = body
@@ -115,11 +122,8 @@ async def relay_exchange(request: web.BaseRequest, exchange: Exchange) -> web.St
     """Send an exchange's answer as it arrives, then let go of its upstream connection. One that
     came whole with its Content-Length (the usual small answer) goes out in one write."""
     if exchange.pending is None and request.method != "HEAD" and _framed_by_length(exchange):
-        response = VerbatimResponse(status=exchange.status, reason=exchange.reason)
-        for name, value in exchange.headers:
-            response.headers.add(name, value)
-        response.body = exchange.body
-        return response
+        # The reason phrase as the upstream sent it, an empty one included (as relay does).
+        return _whole(exchange.status, exchange.reason, exchange.headers, exchange.body)
     try:
         return await relay(
             request,
