@@ -46,15 +46,19 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND)
 
 
-async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One final answer framed by Content-Length: its head and its body."""
-    head = await read_head(reader)
-    length = next(
+def content_length(head: bytes) -> int:
+    """The Content-Length of a message head (a request's or an answer's)."""
+    return next(
         int(line.split(b":", 1)[1])
         for line in head.split(b"\r\n")
         if line.lower().startswith(b"content-length:")
     )
-    return head, await asyncio.wait_for(reader.readexactly(length), BOUND)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One final answer framed by Content-Length: its head and its body."""
+    head = await read_head(reader)
+    return head, await asyncio.wait_for(reader.readexactly(content_length(head)), BOUND)
 
 
 def status_of(head: bytes) -> int:
@@ -240,12 +244,7 @@ async def test_a_pass_through_body_still_arriving_is_forwarded_before_it_ends() 
     received: list[bytes] = []
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
+        length = content_length(await reader.readuntil(b"\r\n\r\n"))
         received.append(await reader.readexactly(length // 2))
         first_half_seen.set()
         received.append(await reader.readexactly(length - length // 2))
