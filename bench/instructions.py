@@ -2,14 +2,17 @@
 
     python bench/instructions.py                          # every scenario, this checkout
     PYTHONPATH=/path/to/old/checkout python bench/instructions.py --scenarios new,replay
+    python bench/instructions.py --store redis --scenarios new,replay   # on a redis-server
 
 CPU time per request moved twofold this session on 2 cores shared with other work; callgrind's
 instruction count (Ir) is the same twice for the same code and inputs, whatever else runs. Each
 scenario runs in one uvloop process under ``valgrind --tool=callgrind`` twice, for ``--small``
 and ``--large`` requests: (Ir_large - Ir_small) / (large - small) is the cost of one request with
 start-up and imports subtracted. In that process: a client sending one request at a time on one
-keep-alive connection, idemproxy on the memory store with the access log off, and an upstream
-answering 201 at once, all on 127.0.0.1; so compare commits, not absolute figures. About a
+keep-alive connection, idemproxy on the memory store (``--store redis``: on a redis-server this
+script starts on a free port, whose own instructions are not counted) with the access log off,
+and an upstream answering 201 at once, all on 127.0.0.1; so compare commits, not absolute
+figures. ``pass-put`` sends a 1 MiB body (use smaller counts: ``--small 20 --large 120``). About a
 minute per scenario and checkout; every run is bounded by its request count.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -24,8 +28,9 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from contenders import free_port, redis_binary, wait_port
 from tracing_overhead import HOST, PASS, Client, CreatedUpstream, post
 
 import idemproxy
@@ -33,36 +38,60 @@ from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
 
 WARM_UP = 200
+MIB = 1024 * 1024
+PUT_1_MIB = (
+    f"PUT /files/1 HTTP/1.1\r\nHost: bench\r\nContent-Length: {MIB}\r\n\r\n".encode() + b"x" * MIB
+)
 
 _serial = itertools.count()
 SCENARIOS: dict[str, Callable[[], bytes]] = {
     "pass-get": lambda: PASS,
     "pass-post": lambda: post(None, "/upload"),
+    "pass-put": lambda: PUT_1_MIB,
     "new": lambda: post(f"new-{next(_serial):08d}"),
     "replay": lambda: post(f"replay-{next(_serial) % 100:06d}"),
 }
 
 
-async def serve_requests(scenario: str, count: int) -> None:
+async def serve_requests(scenario: str, count: int, store: str) -> None:
     """The measured process: ``count`` requests (after a warm-up) through a fresh proxy."""
     logging.getLogger("idemproxy.access").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
     upstream = await loop.create_server(CreatedUpstream, HOST, 0)
     port = upstream.sockets[0].getsockname()[1]
-    flags = Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}")
+    flags = Overrides(
+        listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}", store=store
+    )
     server = ProxyServer(load_text("", flags=flags))
     await server.start()
     client = Client(server.address[1])
     await client.open()
     make = SCENARIOS[scenario]
-    for _ in range(WARM_UP + count):
+    warm_up = WARM_UP if scenario != "pass-put" else 10
+    for _ in range(warm_up + count):
         await client.send(make())
     client.close()
     await server.stop()
     upstream.close()
 
 
-def instructions(scenario: str, count: int) -> int:
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port, without persistence: its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_binary(), "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, [proc])
+        yield f"redis://{HOST}:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def instructions(scenario: str, count: int, store: str) -> int:
     """Ir of one whole process serving ``count`` requests of ``scenario``."""
     result = subprocess.run(
         [
@@ -74,6 +103,7 @@ def instructions(scenario: str, count: int) -> int:
             "--serve",
             scenario,
             str(count),
+            store,
         ],
         capture_output=True,
         text=True,
@@ -92,22 +122,27 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--small", type=int, default=300)
     parser.add_argument("--large", type=int, default=1300)
-    parser.add_argument("--serve", nargs=2, metavar=("SCENARIO", "COUNT"), help=argparse.SUPPRESS)
+    parser.add_argument("--store", choices=("memory", "redis"), default="memory")
+    parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)  # scenario, count, store URL
     args = parser.parse_args()
     if args.serve:
         import uvloop
 
-        uvloop.run(serve_requests(args.serve[0], int(args.serve[1])))
+        scenario, count, store = args.serve
+        uvloop.run(serve_requests(scenario, int(count), store))
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
     print(f"idemproxy from {os.path.dirname(idemproxy.__file__)}", file=sys.stderr)
     print("| scenario | instructions per request |")
     print("|---|---:|")
-    for scenario in args.scenarios.split(","):
-        small, large = instructions(scenario, args.small), instructions(scenario, args.large)
-        per_request = (large - small) // (args.large - args.small)
-        print(f"| {scenario} | {per_request:,} |", flush=True)
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(redis_server()) if args.store == "redis" else "memory://"
+        for scenario in args.scenarios.split(","):
+            small = instructions(scenario, args.small, store)
+            large = instructions(scenario, args.large, store)
+            per_request = (large - small) // (args.large - args.small)
+            print(f"| {scenario} | {per_request:,} |", flush=True)
 
 
 if __name__ == "__main__":
