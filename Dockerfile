@@ -29,7 +29,8 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY idemproxy ./idemproxy
 # aiohttp, uvloop, hiredis (redis[hiredis]) and msgspec come as prebuilt manylinux wheels, so
 # neither stage needs a compiler. constraints.txt pins every dependency to the version CI tested.
-RUN pip wheel --constraint constraints.txt --wheel-dir /wheels .
+# The otel extra comes along: `tracing.endpoint` (OpenTelemetry over OTLP/HTTP) works in the image.
+RUN pip wheel --constraint constraints.txt --wheel-dir /wheels '.[otel]'
 
 # --- runtime ----------------------------------------------------------------------------------
 FROM python:3.11-slim AS runtime
@@ -45,13 +46,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     IDEMPROXY_CONFIG=/etc/idemproxy/policy.yaml
 
-# Install the wheel the builder made, with its dependencies from the builder's wheels only
-# (--no-index: nothing is fetched here, and the versions are exactly the ones the builder
-# resolved; naming the wheel file pins idemproxy itself, hadolint DL3013). The wheels are
-# bind-mounted, so they never land in a layer. The import check fails the build if uvloop or hiredis did not come along.
+# Install every wheel the builder made: idemproxy and exactly the dependencies (with the otel
+# extra's) the builder resolved (--no-index: nothing is fetched here; naming wheel files pins
+# the versions, hadolint DL3013). The wheels are bind-mounted, so they never land in a layer.
+# The import check fails the build if uvloop, hiredis or the OpenTelemetry SDK (idemproxy.otel
+# imports it) did not come along.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels /wheels/idemproxy-*.whl \
-    && python -c "import idemproxy, uvloop, hiredis" \
+    pip install --no-index /wheels/*.whl \
+    && python -c "import idemproxy, uvloop, hiredis, idemproxy.otel" \
     && groupadd --system --gid 10001 idemproxy \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin idemproxy

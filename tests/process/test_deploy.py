@@ -302,6 +302,13 @@ def test_dockerfile_installs_uvloop_and_hiredis() -> None:
     assert {"idemproxy", "uvloop", "hiredis"} <= imported, imports
 
 
+def test_dockerfile_image_can_trace() -> None:
+    """The builder resolves the otel extra and the runtime imports idemproxy.otel, so that
+    ``tracing.endpoint`` works in the image instead of leaving tracing off."""
+    assert "'.[otel]'" in runs(dockerfile_stages()[0])
+    assert "idemproxy.otel" in runs(dockerfile_stages()[-1])
+
+
 def _pyproject() -> dict[str, Any]:
     import tomllib
 
@@ -437,7 +444,9 @@ def test_container_policy_opens_admin_to_the_outside_only_with_a_token() -> None
 
 def test_compose_redis_keeps_keys() -> None:
     redis_service = service("redis")
-    assert redis_service["image"] == "redis:7-alpine"
+    # Pinned to a release, never a moving major tag.
+    assert _PINNED_TAG.fullmatch(redis_service["image"]), redis_service["image"]
+    assert redis_service["image"].startswith("redis:7.")
     command = as_argv(redis_service["command"])
     pairs = dict(zip(command[1::2], command[2::2], strict=False))
     assert command[0] == "redis-server", command
@@ -522,7 +531,7 @@ PROFILE_SHELL = {
     "IDEMPROXY_ADMIN_LISTEN": f"0.0.0.0:{ADMIN_PORT}",
     "IDEMPROXY_ADMIN_TOKEN": "s3cr3t",
 }
-_PINNED_TAG = re.compile(r"[^:\s]+:v?\d+\.\d+\.\d+")
+_PINNED_TAG = re.compile(r"[^:\s]+:v?\d+\.\d+\.\d+(-[a-z0-9.]+)?")  # a release, maybe a variant
 
 
 def mounts_of(name: str) -> dict[str, tuple[Path, str]]:
