@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,6 +237,9 @@ class Row:
     peak_rss_kib: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    # At 1 connection: Redis' PING round trip (µs) measured right after each timed run, so that
+    # a latency can be counted in round trips of the same moment
+    ping_us: list[float] = field(default_factory=list)
 
     @property
     def rps(self) -> float:
@@ -274,10 +278,13 @@ Case = tuple[Scenario, int]  # a scenario at a connection count
 class Bench:
     """Runs the plan, one repetition at a time, and keeps the rows."""
 
-    def __init__(self, lab: Lab, generator: str, seconds: int) -> None:
+    def __init__(
+        self, lab: Lab, generator: str, seconds: int, ping_us: Callable[[], float]
+    ) -> None:
         self.lab = lab
         self.generator = generator
         self.seconds = seconds
+        self.ping_us = ping_us  # Redis' PING round trip now, in µs
         self.rows: dict[tuple[str, str, int], Row] = {}
 
     @staticmethod
@@ -324,6 +331,8 @@ class Bench:
         row.store_cpu_seconds += target.store_cpu_seconds() - before_store
         row.outcomes.update(Counter(target.outcomes()) - before)
         row.runs.append(run)
+        if connections == 1:
+            row.ping_us.append(self.ping_us())
         self.say(
             f"{scenario.name} · {target.label} · {connections} conn: {run.rps:,.0f} req/s, "
             f"p50 {run.p50_ms:.3f} ms, p99 {run.p99_ms:.3f} ms, {run.errors} errors"

@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     lab = Lab(tmp, procs)
-    bench = Bench(lab, settings.generator, settings.seconds)
+    bench = Bench(
+        lab, settings.generator, settings.seconds, lambda: redis_rtt_us(lab.redis_port, 500)[0]
+    )
     records: list[RecordFigure] = []
     profiles: list[tuple[str, str]] = []
     try:
