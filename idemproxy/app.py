@@ -37,6 +37,7 @@ _NEEDS_RESTART = (
     "limits",  # the server's timeouts and bounds are set when it starts
     "tracing",
 )
+HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's "alive" messages to its supervisor
 _LAST_EXPORT = 2.0  # shutdown: the longest the last spans may take to export (collector down)
 
 
@@ -223,18 +224,32 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, server, path, flags or Overrides())
+    heartbeat: asyncio.Task[None] | None = None
     if supervisor is not None:
         supervisor.send_bytes(b"serving")
+        heartbeat = asyncio.create_task(_heartbeat(supervisor), name="heartbeat")
         # The supervisor never writes, so the connection turns readable only at its end.
         loop.add_reader(supervisor.fileno(), _supervisor_gone, stop)
     await stop.wait()
-    if supervisor is not None:
+    if supervisor is not None and heartbeat is not None:
+        heartbeat.cancel()
         loop.remove_reader(supervisor.fileno())
     event("idemproxy shutting down", drain_seconds=config.shutdown_timeout)
     await server.stop()
     flush_access_log()
     event("idemproxy stopped")
     return 0
+
+
+async def _heartbeat(supervisor: Connection) -> None:
+    """Say "alive" every ``HEARTBEAT_INTERVAL`` from the event loop: a supervisor that stops
+    hearing it knows the loop is stuck, although the process lives."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_INTERVAL)
+        try:
+            supervisor.send_bytes(b"alive")
+        except OSError:  # the supervisor is gone; _supervisor_gone stops this worker
+            return
 
 
 def _supervisor_gone(stop: asyncio.Event) -> None:

@@ -7,8 +7,13 @@ serving, the store answering), the keys API, and metrics summed over all workers
 (prometheus-client's multiprocess mode, through a directory of its own).
 
 Each worker holds one end of a socket pair to the supervisor: it writes "serving" there once it
-listens, and it stops gracefully when the pair ends, so no worker outlives a supervisor that was
-killed (gunicorn's workers watch their parent pid; uvicorn's answer pings on a pipe).
+listens, then "alive" every ``HEARTBEAT_INTERVAL`` from its event loop, and it stops gracefully
+when the pair ends, so no worker outlives a supervisor that was killed (gunicorn's workers watch
+their parent pid; uvicorn's answer pings on a pipe). A worker whose process lives but whose loop
+is stuck (an endless loop, a blocking call, SIGSTOP) is not counted as serving once unheard for
+``HUNG_AFTER`` seconds (``/readyz`` says 503), and after ``KILL_HUNG_AFTER`` it is killed and
+restarted like a dead one (gunicorn's worker timeout): the kernel keeps handing it connections
+from the shared port, which would hang until then.
 
 A worker that dies is restarted after a delay that doubles with each death in a row within
 ``EARLY_DEATH`` seconds of its start (``RESTART_DELAY`` up to ``RESTART_DELAY_MAX``); after
@@ -37,7 +42,7 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from idemproxy.admin import AdminContext, create_admin_app, probe_store
-from idemproxy.app import last_resort, run_loop, serve
+from idemproxy.app import HEARTBEAT_INTERVAL, last_resort, run_loop, serve
 from idemproxy.config import Config, Overrides
 from idemproxy.observability import LogFormat, event, setup_logging, workers_exposition
 from idemproxy.store import open_store
@@ -47,6 +52,8 @@ RESTART_DELAY = 0.5  # seconds before the first restart; doubles with each early
 RESTART_DELAY_MAX = 2.0
 EARLY_DEATH = 10.0  # a worker that dies sooner than this after its start died early
 GIVE_UP_AFTER = 5  # early deaths in a row of one worker slot
+HUNG_AFTER = 5 * HEARTBEAT_INTERVAL  # a serving worker unheard this long does not count as serving
+KILL_HUNG_AFTER = 20 * HEARTBEAT_INTERVAL  # ... and this long: it is killed and restarted
 _POLL = 0.1
 # /dev/shm is a tmpfs that Docker (also with read_only: true) and Kubernetes (also with
 # readOnlyRootFilesystem) mount writable; tried after $TMPDIR and the usual temporary dirs.
@@ -69,12 +76,33 @@ class _Slot:
     channel: Connection  # the supervisor's end of the socket pair
     started: float
     serving: bool = False
+    last_heard: float = 0.0  # monotonic time of its last message
+    hung: bool = False  # serving, alive and unheard for HUNG_AFTER
     early_deaths: int = 0  # in a row
     restart_at: float | None = None  # set while the slot waits to restart its dead worker
 
     @property
     def up(self) -> bool:
-        return self.serving and self.process.is_alive()
+        return self.serving and not self.hung and self.process.is_alive()
+
+    def hear(self, now: float) -> None:
+        """Take the worker's messages ("serving", then "alive"s); note one that went silent."""
+        try:
+            while self.channel.poll():
+                self.serving |= self.channel.recv_bytes() == b"serving"
+                self.last_heard, self.hung = now, False
+        except EOFError:  # it is exiting; the next round sees it dead
+            return
+        silent = now - self.last_heard
+        if not self.serving or silent < HUNG_AFTER:
+            return
+        fields = {"worker": self.index, "pid": self.process.pid, "silent_seconds": round(silent, 1)}
+        if silent >= KILL_HUNG_AFTER:
+            event("worker still stuck; killing it", logging.ERROR, **fields)
+            self.process.kill()
+        elif not self.hung:
+            self.hung = True
+            event("worker stopped answering; not counted as serving", logging.WARNING, **fields)
 
 
 class Supervisor:
@@ -115,7 +143,8 @@ class Supervisor:
 
     def _restart(self, slot: _Slot) -> None:
         slot.process, slot.channel = self._spawn(slot.index)
-        slot.started, slot.serving, slot.restart_at = time.monotonic(), False, None
+        slot.started, slot.restart_at = time.monotonic(), None
+        slot.serving = slot.hung = False
 
     def serving(self) -> tuple[int, int]:
         return sum(1 for slot in self.slots if slot.up), self.count
@@ -131,17 +160,13 @@ class Supervisor:
             slot.process.join(max(0.0, deadline - time.monotonic()))
 
     def _check(self, slot: _Slot, now: float) -> None:
-        """Note a worker that started serving; restart or give up on one that died."""
+        """Hear a live worker; restart or give up on one that died."""
         if slot.restart_at is not None:
             if now >= slot.restart_at:
                 self._restart(slot)
             return
         if slot.process.is_alive():
-            if not slot.serving and slot.channel.poll():
-                try:
-                    slot.serving = slot.channel.recv_bytes() == b"serving"
-                except EOFError:  # it is exiting; the next round sees it dead
-                    return
+            slot.hear(now)
             return
         from prometheus_client import multiprocess
 

@@ -16,7 +16,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from idemproxy.supervisor import GIVE_UP_AFTER, RESTART_DELAY, RESTART_DELAY_MAX
+from idemproxy.supervisor import (
+    GIVE_UP_AFTER,
+    HUNG_AFTER,
+    KILL_HUNG_AFTER,
+    RESTART_DELAY,
+    RESTART_DELAY_MAX,
+)
 from tests.cli_process import STEP, CliProcess, status, wait_status
 from tests.conftest import HOST, RedisProcess, Upstream, free_port
 
@@ -131,6 +137,49 @@ async def test_health_fails_while_a_worker_is_missing_and_recovers_when_it_serve
     assert len(worker_pids(proc)) == 3
     headers = {"Idempotency-Key": "after-restart"}
     for _ in range(2):
+        async with http.post(f"http://{HOST}:{listen}/orders", data=b"{}", headers=headers) as r:
+            assert r.status == 201
+    assert upstream.count("/orders") == 1
+
+    await proc.stop()
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.timeout(120)
+async def test_a_stuck_worker_stops_counting_as_serving_then_is_killed_and_replaced(
+    redis_server: RedisProcess,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    started: list[CliProcess],
+) -> None:
+    """A worker whose process lives but runs nothing (SIGSTOP here; an endless loop or a
+    blocking call alike) kept counting as serving while the kernel handed it connections."""
+    listen, admin = free_port(), free_port()
+    proc = await CliProcess(*run_args(upstream.url, redis_server.url, listen, admin)).start()
+    started.append(proc)
+    ready = f"http://{HOST}:{admin}/readyz"
+    await wait_status(http, proc, ready, 200)
+    victim = worker_pids(proc)[0]
+
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
+    await wait_status(http, proc, ready, 503, seconds=HUNG_AFTER + 10)
+    assert time.monotonic() - stopped >= HUNG_AFTER - 1
+    async with http.get(ready) as answer:
+        assert (await answer.json())["workers_serving"] == 1
+    (stuck,) = proc.messages("worker stopped answering; not counted as serving")
+    assert stuck["pid"] == victim
+    assert stuck["level"] == "warning"
+
+    await wait_status(http, proc, ready, 200, seconds=KILL_HUNG_AFTER + 20)
+    (killed,) = proc.messages("worker still stuck; killing it")
+    assert killed["pid"] == victim
+    assert killed["silent_seconds"] >= KILL_HUNG_AFTER
+    (died,) = proc.messages("worker died; restarting it")
+    assert died["exitcode"] == -signal.SIGKILL
+    assert gone(victim)
+    headers = {"Idempotency-Key": "after-the-stuck-one"}
+    for _ in range(4):  # both workers answer (the port is shared): one execution
         async with http.post(f"http://{HOST}:{listen}/orders", data=b"{}", headers=headers) as r:
             assert r.status == 201
     assert upstream.count("/orders") == 1
