@@ -322,13 +322,17 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """For humans at a terminal: the message, then the fields as key=value."""
+    """For humans at a terminal: the message, then the fields as key=value, then the traceback
+    of an error on the lines below (as ``logging``'s own formatter writes it)."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
         extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         base = f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
-        return f"{base} {extra}" if extra else base
+        line = f"{base} {extra}" if extra else base
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 class DirectAccessLog:
