@@ -67,15 +67,16 @@ class StripeUpstream(Upstream):
     """``POST /v1/charges`` as Stripe answers it: 200 and a charge with a fresh ``ch_`` id, with
     ``Request-Id`` and the request's ``Idempotency-Key`` echoed as response headers.
 
-    ``hold``, when set, is awaited before each execution answers; ``failures`` executions first
-    answer 500 with a Stripe ``api_error``. ``answers`` keeps every body sent, in order.
+    ``hold``, when set, is awaited before each execution answers; the first executions answer
+    the statuses in ``failures``, one each, with a Stripe ``api_error``. ``answers`` keeps every
+    body sent, in order.
     ``GET /get`` answers 200: the readiness probe of ``tests.httpbin_upstream.ProxyProcess``.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.hold: Callable[[], Awaitable[None]] | None = None
-        self.failures = 0
+        self.failures: list[int] = []
         self.answers: list[bytes] = []
 
     async def create_charge(self, request: web.Request) -> web.Response:
@@ -95,8 +96,7 @@ class StripeUpstream(Upstream):
             "livemode": False,
         }
         if self.failures:
-            self.failures -= 1
-            status = 500
+            status = self.failures.pop(0)
             document = {"error": {"type": "api_error", "message": "the card network timed out"}}
         payload = json.dumps(document).encode()
         self.answers.append(payload)
@@ -242,7 +242,7 @@ async def test_stripe_sdk_gets_the_stored_500_on_every_retry_and_the_charge_ran_
     ``Stripe-Should-Retry: false`` says not to, so it spends all its retries on replays and
     raises the upstream's error; the request ran once."""
     proxy = await make_proxy("", store=store_url)
-    upstream.failures = 1
+    upstream.failures = [500]
     retries = 2
     with recorded_session() as (session, attempts):
         client = stripe_client(proxy.url, session, timeout=10.0, retries=retries)
@@ -260,6 +260,26 @@ async def test_stripe_sdk_gets_the_stored_500_on_every_retry_and_the_charge_ran_
     assert len({a.key for a in attempts}) == 1
     counted = await scrape_outcomes([proxy.admin_url])
     assert (counted["new"], counted["replayed"]) == (1, retries)
+
+
+@pytest.mark.timeout(30)
+async def test_stripe_sdk_retry_after_a_released_503_runs_again_and_gets_a_charge(
+    make_proxy: ProxyFactory, upstream: StripeUpstream
+) -> None:
+    """The contrast with the 500: 503 is a release status (SPEC 4), not stored, so the SDK's
+    retry with the same key is a new execution, and that one makes the charge."""
+    proxy = await make_proxy("")
+    upstream.failures = [503]
+    with recorded_session() as (session, attempts):
+        client = stripe_client(proxy.url, session, timeout=10.0, retries=2)
+        charge = await asyncio.to_thread(client.v1.charges.create, CHARGE_PARAMS)
+
+    assert upstream.count("/v1/charges") == 2
+    assert charge.id == json.loads(upstream.answers[1])["id"]
+    assert [(a.status, a.replayed) for a in attempts] == [(503, False), (200, False)]
+    assert len({a.key for a in attempts}) == 1
+    counted = await scrape_outcomes([proxy.admin_url])
+    assert (counted["released"], counted["new"], counted["replayed"]) == (1, 1, 0)
 
 
 @pytest.mark.timeout(30)
