@@ -60,6 +60,13 @@ HOLD_LIMIT = 10.0
 POLL_STEP = 0.02  # seconds between two scrapes of /metrics while holding
 
 
+@pytest.fixture(autouse=True)
+def stripe_without_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With telemetry on (its default) the SDK writes an id to ~/.config/stripe on its first
+    request and sends metrics of the last one along with the next: a test leaves $HOME alone."""
+    monkeypatch.setattr(stripe, "enable_telemetry", False)
+
+
 # --- the upstream: a tiny Stripe API ---------------------------------------------------------
 
 
