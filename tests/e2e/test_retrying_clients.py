@@ -440,3 +440,6 @@ async def test_urllib3_retry_storm_over_two_proxy_processes_runs_once_every_call
     counted = await scrape_outcomes(admin_urls)
     assert (counted["new"], counted["replayed"]) == (1, STORM_CALLERS - 1)
     assert counted["conflict"] == sum(len(a.retried_after) for a in answers) >= STORM_CALLERS - 1
+    for proxy in two_proxy_processes:  # one JSON line a request, none above INFO
+        levels = Counter(json.loads(line)["level"] for line in proxy.log.read_text().splitlines())
+        assert set(levels) == {"info"}, proxy.log.read_text()[-2000:]
