@@ -276,6 +276,84 @@ async def test_a_pass_through_body_still_arriving_is_forwarded_before_it_ends() 
     assert b"".join(received) == body
 
 
+async def test_a_chunked_pass_through_body_reaches_the_upstream_chunked_and_whole(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    """Chunks of every size, split across segments anyhow (a chunk's size line in one, its data
+    in the next), reach the upstream as one intact chunked body."""
+    proxy = await make_proxy(KEYED)
+    pieces = [b"a", b"b" * 7, b"c" * 300, b"d" * 70_000, b"e" * 2]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+    head = f"POST /off HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    reader, writer = await open_raw(proxy)
+    try:
+        writer.write(head.encode() + chunked[:5])
+        for start in range(5, len(chunked), 4_099):
+            await writer.drain()
+            writer.write(chunked[start : start + 4_099])
+        answer, _ = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status_of(answer) == 201
+    (call,) = upstream.calls
+    assert call.body == b"".join(pieces)
+    assert call.headers.get("Transfer-Encoding") == "chunked"
+
+
+async def test_an_upstream_answering_before_it_reads_a_streaming_body_is_relayed() -> None:
+    """An upstream may answer as soon as it has the head (the pass-put bench's upstream does).
+    The client gets that answer while it still sends, and its next requests on the same
+    connection are answered too. The proxy stops sending a body the upstream has answered: the
+    upstream gets a part of it, and that connection is not used again."""
+    received: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        try:
+            received.append(await reader.readexactly(content_length(head)))
+        except asyncio.IncompleteReadError as cut:
+            received.append(cut.partial)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(upstream, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    config = load_text(
+        KEYED,
+        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
+    )
+    proxy = ProxyServer(config)
+    await proxy.start()
+    body = bytes(range(256)) * 1024
+    answers = []
+    try:
+        reader, writer = await open_raw(RunningProxy(proxy))
+        for _ in range(2):
+            head = f"PUT /unmatched HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body[:1000])
+            answers.append(await read_answer(reader))  # while the rest is still to be sent
+            writer.write(body[1000:])
+        # The last request comes whole: the one before it was read to its end first.
+        writer.write(
+            f"PUT /unmatched HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 4\r\n\r\nlast".encode()
+        )
+        answers.append(await read_answer(reader))
+        writer.close()
+        for _ in range(int(BOUND / 0.02)):
+            if len(received) == 3:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await proxy.stop()
+        server.close()
+    assert [(status_of(head), payload) for head, payload in answers] == [(201, b"ok")] * 3
+    *parts, last = received  # one upstream connection per request
+    assert len(parts) == 2
+    assert all(len(part) >= 1000 and body.startswith(part) for part in parts)
+    assert last == b"last"
+
+
 # --- one key, read one way -------------------------------------------------------------------
 
 
