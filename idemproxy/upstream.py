@@ -149,7 +149,7 @@ class _ClientResponseRest:
         self._response.release()
 
 
-async def as_received(content: StreamReader) -> AsyncIterator[bytes]:
+async def _as_received(content: StreamReader) -> AsyncIterator[bytes]:
     """A request body in the pieces the client's connection delivered them. aiohttp's client,
     given the ``StreamReader`` itself, reads it with ``readany``, which joins every piece
     buffered at that moment into one ``bytes``: a copy of most of a large body."""
@@ -293,7 +293,7 @@ class Upstream:
                 request.method,
                 self.url(request),
                 headers=self.request_headers(request, drop_length=chunked_in),
-                data=as_received(request.content),
+                data=_as_received(request.content),
                 allow_redirects=False,
                 timeout=self._stream_timeout,
                 chunked=True if chunked_in else None,
