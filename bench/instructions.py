@@ -14,10 +14,10 @@ keep-alive connection, idemproxy on the memory store (``--store redis``: on a re
 script starts on a free port, whose own instructions are not counted) with the access log off,
 and an upstream answering 201 at once, all on 127.0.0.1; so compare commits, not absolute
 figures. ``--proxy minimal`` puts bench/minimal_proxy.py's pass-through (no store, no policy) in
-idemproxy's place, for the pass-* scenarios side by side. ``pass-put`` sends a 1 MiB body, which
-the upstream answers at its head and reads as it comes (use smaller counts: ``--small 20
---large 120``). About a minute per scenario and checkout; every run is bounded by its request
-count.
+idemproxy's place, for the pass-* scenarios side by side. ``pass-put`` sends a 1 MiB body
+(``pass-put-chunked``: the same in 64 KiB chunks), which the upstream answers at its head and
+reads as it comes (use smaller counts: ``--small 20 --large 120``). About a minute per scenario
+and checkout; every run is bounded by its request count.
 """
 
 from __future__ import annotations
@@ -49,11 +49,18 @@ PUT_1_MIB = (
     f"PUT /files/1 HTTP/1.1\r\nHost: bench\r\nContent-Length: {MIB}\r\n\r\n".encode() + b"x" * MIB
 )
 
+PUT_1_MIB_CHUNKED = (  # the same body in 16 chunks of 64 KiB
+    b"PUT /files/1 HTTP/1.1\r\nHost: bench\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + (b"10000\r\n" + b"x" * 0x10000 + b"\r\n") * (MIB // 0x10000)
+    + b"0\r\n\r\n"
+)
+
 _serial = itertools.count()
 SCENARIOS: dict[str, Callable[[], bytes]] = {
     "pass-get": lambda: PASS,
     "pass-post": lambda: post(None, "/upload"),
     "pass-put": lambda: PUT_1_MIB,
+    "pass-put-chunked": lambda: PUT_1_MIB_CHUNKED,
     "new": lambda: post(f"new-{next(_serial):08d}"),
     "replay": lambda: post(f"replay-{next(_serial) % 100:06d}"),
 }
@@ -100,7 +107,7 @@ async def serve_requests(proxy: str, scenario: str, count: int, store: str) -> N
         client = Client(port)
         await client.open()
         make = SCENARIOS[scenario]
-        warm_up = WARM_UP if scenario != "pass-put" else 10
+        warm_up = 10 if scenario.startswith("pass-put") else WARM_UP
         for _ in range(warm_up + count):
             await client.send(make())
         client.close()
