@@ -24,6 +24,7 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -146,6 +147,15 @@ class _ClientResponseRest:
 
     def close(self) -> None:
         self._response.release()
+
+
+async def _as_received(content: StreamReader) -> AsyncIterator[bytes]:
+    """A request body in the pieces the client's connection delivered them. aiohttp's client,
+    given the ``StreamReader`` itself, reads it with ``readany``, which joins every piece
+    buffered at that moment into one ``bytes``: a copy of most of a large body."""
+    async for chunk, _ in content.iter_chunks():
+        if chunk:  # b"" marks the end of a chunk of a chunked body
+            yield chunk
 
 
 def describe(exc: BaseException) -> str:
@@ -283,7 +293,7 @@ class Upstream:
                 request.method,
                 self.url(request),
                 headers=self.request_headers(request, drop_length=chunked_in),
-                data=request.content,
+                data=_as_received(request.content),
                 allow_redirects=False,
                 timeout=self._stream_timeout,
                 chunked=True if chunked_in else None,

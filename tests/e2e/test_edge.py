@@ -8,9 +8,10 @@ through a real proxy to a real upstream that records what it received.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -63,6 +64,28 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 def status_of(head: bytes) -> int:
     return int(head.split(b" ", 2)[1])
+
+
+RawUpstream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def proxy_in_front_of(upstream: RawUpstream, policy: str) -> AsyncIterator[RunningProxy]:
+    """A proxy on ``policy`` in front of a raw upstream: ``upstream`` serves each connection."""
+    server = await asyncio.start_server(upstream, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    config = load_text(
+        policy,
+        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
+    )
+    proxy = ProxyServer(config)
+    await proxy.start()
+    try:
+        yield RunningProxy(proxy)
+    finally:
+        await proxy.stop()
+        server.close()
+        await server.wait_closed()
 
 
 def upload(path: str, body_length: int, *headers: str) -> bytes:
@@ -252,28 +275,84 @@ async def test_a_pass_through_body_still_arriving_is_forwarded_before_it_ends() 
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(upstream, HOST, 0)
-    port = server.sockets[0].getsockname()[1]
-    config = load_text(
-        KEYED,
-        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
-    )
-    proxy = ProxyServer(config)
-    await proxy.start()
     body = b"a" * 3000 + b"b" * 3000
-    try:
-        reader, writer = await open_raw(RunningProxy(proxy))
+    async with proxy_in_front_of(upstream, KEYED) as proxy:
+        reader, writer = await open_raw(proxy)
         head = f"POST /off HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n\r\n"
         writer.write(head.encode() + body[:3000])
         await asyncio.wait_for(first_half_seen.wait(), BOUND)
         writer.write(body[3000:])
         answer, payload = await read_answer(reader)
         writer.close()
-    finally:
-        await proxy.stop()
-        server.close()
     assert (status_of(answer), payload) == (201, b"ok")
     assert b"".join(received) == body
+
+
+async def test_a_chunked_pass_through_body_reaches_the_upstream_chunked_and_whole(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    """Chunks of every size, split across segments anyhow (a chunk's size line in one, its data
+    in the next), reach the upstream as one intact chunked body."""
+    proxy = await make_proxy(KEYED)
+    pieces = [b"a", b"b" * 7, b"c" * 300, b"d" * 70_000, b"e" * 2]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+    head = f"POST /off HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    reader, writer = await open_raw(proxy)
+    try:
+        writer.write(head.encode() + chunked[:5])
+        for start in range(5, len(chunked), 4_099):
+            await writer.drain()
+            writer.write(chunked[start : start + 4_099])
+        answer, _ = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status_of(answer) == 201
+    (call,) = upstream.calls
+    assert call.body == b"".join(pieces)
+    assert call.headers.get("Transfer-Encoding") == "chunked"
+
+
+async def test_an_upstream_answering_before_it_reads_a_streaming_body_is_relayed() -> None:
+    """An upstream may answer as soon as it has the head (the pass-put bench's upstream does).
+    The client gets that answer while it still sends, and its next requests on the same
+    connection are answered too. The proxy stops sending a body the upstream has answered: the
+    upstream gets a part of it, and that connection is not used again."""
+    received: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        try:
+            received.append(await reader.readexactly(content_length(head)))
+        except asyncio.IncompleteReadError as cut:
+            received.append(cut.partial)
+        finally:
+            writer.close()
+
+    body = bytes(range(256)) * 1024
+    answers = []
+    async with proxy_in_front_of(upstream, KEYED) as proxy:
+        reader, writer = await open_raw(proxy)
+        for _ in range(2):
+            head = f"PUT /unmatched HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body[:1000])
+            answers.append(await read_answer(reader))  # while the rest is still to be sent
+            writer.write(body[1000:])
+        # The last request comes whole: the one before it was read to its end first.
+        writer.write(
+            f"PUT /unmatched HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 4\r\n\r\nlast".encode()
+        )
+        answers.append(await read_answer(reader))
+        writer.close()
+        for _ in range(int(BOUND / 0.02)):
+            if len(received) == 3:
+                break
+            await asyncio.sleep(0.02)
+    assert [(status_of(head), payload) for head, payload in answers] == [(201, b"ok")] * 3
+    *parts, last = received  # one upstream connection per request
+    assert len(parts) == 2
+    assert all(len(part) >= 1000 and body.startswith(part) for part in parts)
+    assert last == b"last"
 
 
 # --- one key, read one way -------------------------------------------------------------------
@@ -381,18 +460,8 @@ async def _serve_named_answer(reader: asyncio.StreamReader, writer: asyncio.Stre
 
 @pytest.fixture
 async def raw_proxy() -> AsyncIterator[RunningProxy]:
-    upstream = await asyncio.start_server(_serve_named_answer, HOST, 0)
-    port = upstream.sockets[0].getsockname()[1]
-    config = load_text(
-        ROUTES,
-        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
-    )
-    server = ProxyServer(config)
-    await server.start()
-    yield RunningProxy(server)
-    await server.stop()
-    upstream.close()
-    await upstream.wait_closed()
+    async with proxy_in_front_of(_serve_named_answer, ROUTES) as proxy:
+        yield proxy
 
 
 @pytest.fixture
