@@ -201,12 +201,13 @@ class KeyedProxy:
         for task in list(self._handling):
             task.cancel()
 
-    def refused(self, request: web.BaseRequest, problem: ProblemError) -> None:
-        """A request the HTTP parser refused before ``handle`` saw it: its access line."""
-        trace = Trace(request.method, request.path, time.monotonic())
+    def refused(self, method: str, path: str, problem: ProblemError) -> None:
+        """A request the HTTP edge refused before ``handle`` saw it (the parser refused it, or
+        its head did not arrive in time): its access line."""
+        trace = Trace(method, path, time.monotonic())
         if problem.outcome is not None:
             trace.outcome = problem.outcome
-        event("request refused by the HTTP parser", logging.INFO, error=problem.detail)
+        event("request refused at the HTTP edge", logging.INFO, error=problem.detail)
         trace.finish(self.metrics, problem.status)
 
     async def _dispatch(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:

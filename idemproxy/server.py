@@ -37,12 +37,17 @@ from idemproxy.answers import problem_answer
 from idemproxy.errors import ProblemError
 
 
-def request_timeout_answer(header_timeout: float) -> bytes:
-    """The whole 408 response for a request head that did not arrive in time."""
-    problem = ProblemError(
+def request_timeout(header_timeout: float) -> ProblemError:
+    """The problem of a request head that did not arrive in time."""
+    return ProblemError(
         "request_timeout",
         f"the request line and headers did not arrive within {header_timeout:g}s",
     )
+
+
+def request_timeout_answer(problem: ProblemError) -> bytes:
+    """The whole 408 response of ``problem``, written straight to the transport: there is no
+    request for aiohttp to answer."""
     body = problem.body()
     head = "".join(
         [
@@ -55,7 +60,9 @@ def request_timeout_answer(header_timeout: float) -> bytes:
     return head.encode("ascii") + body
 
 
-RefusedCallback = Callable[[web.BaseRequest, ProblemError], None]
+# A request refused before the proxy's handler saw it: its method and path ("-" where no
+# request line arrived whole), and why. It writes the access line.
+RefusedCallback = Callable[[str, str, ProblemError], None]
 
 
 def parser_refusal(exc: BaseException | None) -> ProblemError:
@@ -83,7 +90,7 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
         "_header_timeout",
         "_newest_body",
         "_on_refused",
-        "_timeout_answer",
+        "_timeout",
     )
 
     def __init__(
@@ -91,13 +98,13 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
         manager: web.Server,
         *,
         header_timeout: float,
-        timeout_answer: bytes,
+        timeout: ProblemError,
         on_refused: RefusedCallback,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
-        self._timeout_answer = timeout_answer
+        self._timeout = timeout
         self._on_refused = on_refused
         # When the head being awaited must be complete; None while none is awaited.
         self._head_deadline: float | None = None
@@ -144,7 +151,7 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
             problem = ProblemError("internal_error", "the proxy failed to handle this request")
         else:
             problem = parser_refusal(exc)
-            self._on_refused(request, problem)
+            self._on_refused(request.method, request.path, problem)
         response = problem_answer(problem)
         response.force_close()
         return response
@@ -176,7 +183,8 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
             self.close()
             return
         if self._head_started:
-            self.transport.write(self._timeout_answer)
+            self.transport.write(request_timeout_answer(self._timeout))
+            self._on_refused("-", "-", self._timeout)
         # A connection that never sent a byte has no request to answer: an unsolicited 408
         # would be read as the answer to whatever the client sends next.
         self.force_close()
@@ -195,7 +203,7 @@ class HeadTimeoutServer(web.Server):
     ) -> None:
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
-        self._timeout_answer = request_timeout_answer(header_timeout)
+        self._timeout = request_timeout(header_timeout)
         self._on_refused = on_refused
 
     def __call__(self) -> HeadTimeoutRequestHandler:
@@ -203,7 +211,7 @@ class HeadTimeoutServer(web.Server):
             self,
             loop=server_loop(self),
             header_timeout=self._header_timeout,
-            timeout_answer=self._timeout_answer,
+            timeout=self._timeout,
             on_refused=self._on_refused,
             **handler_options(self),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 
@@ -82,8 +83,9 @@ def test_header_timeout_is_validated_and_defaults_to_10s() -> None:
 
 
 async def test_half_a_request_line_then_silence_gets_408_and_close(
-    make_proxy: ProxyFactory, upstream: Upstream
+    make_proxy: ProxyFactory, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="idemproxy")
     proxy = await make_proxy(HEADER_TIMEOUT)
 
     def stall() -> bytes:
@@ -108,6 +110,11 @@ async def test_half_a_request_line_then_silence_gets_408_and_close(
     )
     assert "headers" in problem["detail"]
     assert upstream.count() == 0
+    # Its access line, like every other answer of the proxy's (no request line came whole).
+    access = [r.fields for r in caplog.records if r.name == "idemproxy.access"]  # type: ignore[attr-defined]
+    assert [(a["method"], a["path"], a["status"], a["outcome"]) for a in access] == [
+        ("-", "-", 408, "client_timeout")
+    ]
 
 
 async def test_a_connection_that_sends_nothing_is_closed_without_an_answer(
