@@ -15,9 +15,9 @@ script starts on a free port, whose own instructions are not counted) with the a
 and an upstream answering 201 at once, all on 127.0.0.1; so compare commits, not absolute
 figures. ``--proxy minimal`` puts bench/minimal_proxy.py's pass-through (no store, no policy) in
 idemproxy's place, for the pass-* scenarios side by side. ``pass-put`` sends a 1 MiB body
-(``pass-put-chunked``: the same in 64 KiB chunks), which the upstream answers at its head and
-reads as it comes (use smaller counts: ``--small 20 --large 120``). About a minute per scenario
-and checkout; every run is bounded by its request count.
+(``pass-put-chunked``: the same in 64 KiB chunks), which the upstream answers once it has all
+arrived, as bench/upstream.py does (use smaller counts: ``--small 20 --large 120``). About a
+minute per scenario and checkout; every run is bounded by its request count.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import cast
 
 from aiohttp import web
 from contenders import free_port, redis_binary, wait_port
 from minimal_proxy import MinimalProxy
-from tracing_overhead import HOST, PASS, Client, CreatedUpstream, post
+from tracing_overhead import ANSWER, HOST, PASS, Client, CreatedUpstream, post
 
 import idemproxy
 from idemproxy.app import ProxyServer
@@ -64,6 +65,37 @@ SCENARIOS: dict[str, Callable[[], bytes]] = {
     "new": lambda: post(f"new-{next(_serial):08d}"),
     "replay": lambda: post(f"replay-{next(_serial) % 100:06d}"),
 }
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
+_LAST_CHUNK = b"\r\n0\r\n\r\n"
+
+
+class WholeBodyUpstream(asyncio.Protocol):
+    """Answers 201 once a request's whole body has arrived (its Content-Length, or chunked up to
+    the last chunk), as most APIs do: answered at its head, an upload is cut short by the proxy
+    (it stops sending once the answer came), which would measure less than a whole PUT. One
+    request at a time per connection, each head in one segment: what the scenarios send."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.left: int | None = None  # body bytes still to come; None: between requests
+        self.tail = b""  # a chunked body's last bytes seen
+
+    def data_received(self, data: bytes) -> None:
+        if self.left is None:
+            head, _, data = data.partition(b"\r\n\r\n")
+            length = _CONTENT_LENGTH.search(head)
+            self.left, self.tail = (int(length[1]) if length else -1), b"\r\n"
+        if self.left >= 0:
+            self.left -= len(data)
+            done = self.left <= 0
+        else:  # chunked: the body is all "x", so its end is the only match
+            self.tail = (self.tail + data)[-len(_LAST_CHUNK) :]
+            done = self.tail == _LAST_CHUNK
+        if done:
+            self.left = None
+            self.transport.write(ANSWER)
 
 
 @contextlib.asynccontextmanager
@@ -101,13 +133,14 @@ PROXIES = {"idemproxy": idemproxy_serving, "minimal": minimal_serving}
 async def serve_requests(proxy: str, scenario: str, count: int, store: str) -> None:
     """The measured process: ``count`` requests (after a warm-up) through a fresh proxy."""
     loop = asyncio.get_running_loop()
-    upstream = await loop.create_server(CreatedUpstream, HOST, 0)
+    uploads = scenario.startswith("pass-put")
+    upstream = await loop.create_server(WholeBodyUpstream if uploads else CreatedUpstream, HOST, 0)
     upstream_url = f"http://{HOST}:{upstream.sockets[0].getsockname()[1]}"
     async with PROXIES[proxy](upstream_url, store) as port:
         client = Client(port)
         await client.open()
         make = SCENARIOS[scenario]
-        warm_up = 10 if scenario.startswith("pass-put") else WARM_UP
+        warm_up = 10 if uploads else WARM_UP
         for _ in range(warm_up + count):
             await client.send(make())
         client.close()
