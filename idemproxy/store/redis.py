@@ -28,6 +28,7 @@ lease blocks, its completed record replays, until it expires. New records are al
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections.abc import Awaitable
@@ -77,16 +78,37 @@ _STATE_BYTES = {ord(code): state for code, state in _STATE_CODES.items()}
 # lease token "<16 hex>-<n>", the hex packed and the counter big-endian (n bytes in all).
 _HEX, _LEASE = 0x80, 0xC0
 _HEX_TEXT = re.compile(r"(?:[0-9a-f]{2}){1,63}")
-_LEASE_TOKEN = re.compile(r"([0-9a-f]{16})-(0|[1-9][0-9]{0,19})")
+_LEASE_PREFIX = re.compile(r"[0-9a-f]{16}")
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_prefix(prefix: str) -> bytes | None:
+    """A lease token's 16-hex process prefix, packed; None if it is not one. Cached: a proxy
+    process has one prefix, and packing it anew cost a microsecond per store call."""
+    return bytes.fromhex(prefix) if _LEASE_PREFIX.fullmatch(prefix) else None
+
+
+def _lease_field(text: str) -> bytes | None:
+    """The field of ``text`` (with "-" at 16) if it is a lease token ``<16 hex>-<counter below
+    2**64, no leading zero>``, else None."""
+    counter = text[17:]
+    if not (counter.isascii() and counter.isdigit()) or len(counter) > 20:
+        return None
+    if (counter[0] == "0" and counter != "0") or (n := int(counter)) >= 2**64:
+        return None
+    prefix = _packed_prefix(text[:16])
+    if prefix is None:
+        return None
+    data = prefix + n.to_bytes(max(1, -(-n.bit_length() // 8)), "big")
+    return bytes((_LEASE | len(data),)) + data
 
 
 def _field(text: str) -> bytes:
+    if text[16:17] == "-" and (lease := _lease_field(text)) is not None:
+        return lease
     if _HEX_TEXT.fullmatch(text):
         data = bytes.fromhex(text)
         return bytes((_HEX | len(data),)) + data
-    if (lease := _LEASE_TOKEN.fullmatch(text)) and (n := int(lease[2])) < 2**64:
-        data = bytes.fromhex(lease[1]) + n.to_bytes(max(1, -(-n.bit_length() // 8)), "big")
-        return bytes((_LEASE | len(data),)) + data
     data = text.encode()
     if len(data) >= 128:
         raise ValueError(f"{text[:20]!r}...: a fingerprint or token longer than a record keeps")
