@@ -72,25 +72,57 @@ class _Lease:
     trace: Trace
 
 
-class _Renewal:
-    """Keeps a lease alive while its upstream call runs (every ``lock_ttl / 3``).
+class _Renewals:
+    """Keeps leases alive while their upstream calls run: each is renewed every ``lock_ttl / 3``.
 
-    Most upstream calls end long before the first renewal is due, so the renewing task is only
-    created when it is: a timer costs far less than a task per request.
+    Most upstream calls end long before their first renewal is due, so a lease costs two dict
+    operations, not a timer of its own: the leases of one ``lock_ttl`` wait in the order they
+    fall due (their start order), one timer waits for the first of them, and a renewing task is
+    created only for a lease still held when its renewal falls due.
     """
 
-    def __init__(self, store: Store, lease: _Lease) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._lease = lease
-        self._task: asyncio.Task[None] | None = None
+        # Per lock_ttl: token -> (when its first renewal is due, on the loop's clock; the lease)
+        self._waiting: dict[float, dict[str, tuple[float, _Lease]]] = {}
+        self._timers: dict[float, asyncio.TimerHandle] = {}  # per lock_ttl, while one is armed
+        self._renewing: dict[str, asyncio.Task[None]] = {}  # by token
+
+    def start(self, lease: _Lease) -> None:
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(lease.route.lock_ttl / 3, self._start)
+        lock_ttl = lease.route.lock_ttl
+        due = loop.time() + lock_ttl / 3
+        waiting = self._waiting.get(lock_ttl)
+        if waiting is None:
+            waiting = self._waiting[lock_ttl] = {}
+        waiting[lease.token] = (due, lease)
+        if lock_ttl not in self._timers:
+            self._timers[lock_ttl] = loop.call_at(due, self._fall_due, lock_ttl)
 
-    def _start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._renew(), name="lease-renewal")
+    def stop(self, lease: _Lease) -> asyncio.Task[None] | None:
+        """The lease's renewing task, cancelled, if its renewals had started: await it."""
+        if self._waiting[lease.route.lock_ttl].pop(lease.token, None) is not None:
+            return None
+        task = self._renewing.pop(lease.token, None)
+        if task is not None:
+            task.cancel()
+        return task
 
-    async def _renew(self) -> None:
-        lease, lock_ttl = self._lease, self._lease.route.lock_ttl
+    def _fall_due(self, lock_ttl: float) -> None:
+        del self._timers[lock_ttl]
+        loop = asyncio.get_running_loop()
+        waiting = self._waiting[lock_ttl]
+        while waiting:
+            token = next(iter(waiting))
+            due, lease = waiting[token]
+            if due > loop.time():
+                self._timers[lock_ttl] = loop.call_at(due, self._fall_due, lock_ttl)
+                return
+            del waiting[token]
+            self._renewing[token] = loop.create_task(self._renew(lease), name="lease-renewal")
+
+    async def _renew(self, lease: _Lease) -> None:
+        lock_ttl = lease.route.lock_ttl
         while True:
             try:
                 if not await self._store.renew(lease.key, lease.token, lock_ttl):
@@ -103,13 +135,6 @@ class _Renewal:
             except StoreUnavailable as exc:
                 event("could not renew a lease", logging.WARNING, error=str(exc))
             await asyncio.sleep(lock_ttl / 3)
-
-    async def stop(self) -> None:
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
 
 class KeyedProxy:
@@ -141,6 +166,7 @@ class KeyedProxy:
         self._handling: set[asyncio.Task[object]] = set()
         # Settlements of keyed requests cancelled mid-exchange: awaited before the store closes.
         self._cut_off: set[asyncio.Task[web.StreamResponse]] = set()
+        self._renewals = _Renewals(store)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace(request.method, request.path, time.monotonic())
@@ -387,7 +413,7 @@ class KeyedProxy:
             except ProblemError:
                 await self._settle(lease, None, release=True)  # nothing ran
                 raise
-            renewal = _Renewal(self.store, lease)
+            self._renewals.start(lease)
             started = time.monotonic()
             try:
                 exchange = await self.upstream.exchange(
@@ -407,7 +433,10 @@ class KeyedProxy:
             finally:
                 elapsed = time.monotonic() - started
                 self.metrics.upstream_timer(lease.route.label).observe(elapsed)
-                await renewal.stop()
+                renewing = self._renewals.stop(lease)
+                if renewing is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await renewing
             if exchange.pending is not None:
                 lease.trace.outcome = Outcome.NEW
                 await self._settle(lease, None, release=False)
