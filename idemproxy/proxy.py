@@ -13,8 +13,8 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import msgspec
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -59,9 +59,9 @@ _MAX_POLL = 0.2
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer
 
 
-@dataclass(frozen=True, slots=True)
-class _Lease:
-    """One keyed request's claim on its store key."""
+class _Lease(msgspec.Struct, frozen=True):
+    """One keyed request's claim on its store key (a Struct: immutable, and made far faster
+    than a frozen dataclass, once per keyed request)."""
 
     route: RoutePolicy
     key: str  # the scoped store key

@@ -26,7 +26,6 @@ from __future__ import annotations
 import calendar
 import functools
 import time
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -279,8 +278,9 @@ def decode_response(data: bytes) -> StoredResponse:
     return StoredResponse(status, headers, body, reason[0] if reason else "")
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+# A msgspec Struct, not a frozen dataclass: as immutable, and made in a tenth of the time (a
+# frozen dataclass sets each field through object.__setattr__); one is made per replay.
+class Record(msgspec.Struct, frozen=True):
     state: str
     fingerprint: str
     token: str
