@@ -408,11 +408,12 @@ class KeyedProxy:
     ) -> web.StreamResponse:
         self.metrics.locks_in_flight.inc()
         try:
-            try:
-                await self._check_etag(request, lease.route)
-            except ProblemError:
-                await self._settle(lease, None, release=True)  # nothing ran
-                raise
+            if lease.route.etag_from_get:  # else no coroutine to make: nothing to check
+                try:
+                    await self._check_etag(request, lease.route)
+                except ProblemError:
+                    await self._settle(lease, None, release=True)  # nothing ran
+                    raise
             self._renewals.start(lease)
             started = time.monotonic()
             try:
