@@ -317,6 +317,14 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+# What a Redis client raises when the store cannot answer (redis-py's errors or resp's).
+_FAILURES = (RedisError, ReplyError, OSError, TimeoutError)
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"redis: {type(exc).__name__}: {exc}", maybe_applied=not _refused(exc))
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -501,10 +509,8 @@ class RedisStore:
     async def _call(self, call: Awaitable[T]) -> T:
         try:
             return await call
-        except (RedisError, ReplyError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(
-                f"redis: {type(exc).__name__}: {exc}", maybe_applied=not _refused(exc)
-            ) from exc
+        except _FAILURES as exc:
+            raise _unavailable(exc) from exc
 
     async def acquire(
         self, key: str, fingerprint: str, token: str, lock_ttl: float
@@ -524,7 +530,10 @@ class RedisStore:
                     raise NotReplicated(f"{message}; release failed: {exc}") from exc
                 raise NotReplicated(message, maybe_applied=False)
         else:
-            result = await self._call(self._client.run(ACQUIRE, key, args))
+            try:  # not through _call: one coroutine fewer on the path of every keyed request
+                result = await self._client.run(ACQUIRE, key, args)
+            except _FAILURES as exc:
+                raise _unavailable(exc) from exc
         if result == 1:
             return None
         return decode_record(result) if isinstance(result, bytes) else _hash_record(result)
@@ -539,7 +548,10 @@ class RedisStore:
         state, data = ("c", encode_response(response)) if response is not None else ("u", b"")
         args = (token, state, data, _ms(ttl), _field(token))
         if not self._replicas:
-            return bool(await self._call(self._client.run(COMPLETE, key, args)))
+            try:  # not through _call: one coroutine fewer on the path of every new key
+                return bool(await self._client.run(COMPLETE, key, args))
+            except _FAILURES as exc:
+                raise _unavailable(exc) from exc
         done, acked = await self._run_waited(COMPLETE, key, args)
         if done and acked < self._replicas:
             raise NotReplicated(self._unacknowledged("completion", acked))
