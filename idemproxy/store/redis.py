@@ -77,7 +77,9 @@ _STATE_BYTES = {ord(code): state for code, state in _STATE_CODES.items()}
 # is the length of UTF-8 text; 0x80 + n: n bytes of packed lowercase hex; 0xC0 + n: a proxy's
 # lease token "<16 hex>-<n>", the hex packed and the counter big-endian (n bytes in all).
 _HEX, _LEASE = 0x80, 0xC0
-_HEX_TEXT = re.compile(r"(?:[0-9a-f]{2}){1,63}")
+# Lowercase hex of 1 to 63 whole bytes: its length is checked apart, as a repeated pair group
+# costs the regex engine several times a plain character run (a fingerprint on every acquire).
+_HEX_DIGITS = re.compile(r"[0-9a-f]+")
 _LEASE_PREFIX = re.compile(r"[0-9a-f]{16}")
 
 
@@ -106,7 +108,7 @@ def _lease_field(text: str) -> bytes | None:
 def _field(text: str) -> bytes:
     if text[16:17] == "-" and (lease := _lease_field(text)) is not None:
         return lease
-    if _HEX_TEXT.fullmatch(text):
+    if len(text) % 2 == 0 and len(text) <= 126 and _HEX_DIGITS.fullmatch(text):
         data = bytes.fromhex(text)
         return bytes((_HEX | len(data),)) + data
     data = text.encode()
