@@ -12,7 +12,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import hdrs, web
@@ -317,7 +317,8 @@ class KeyedProxy:
         body = None
         if route.key.source == "body":
             body = await self._read_body(request, route)
-        found = extract_key(route.key, _header_lines(request), request.query.get, body or b"")
+        header_lines = _header_lines(request)
+        found = extract_key(route.key, header_lines, _query_value(request), body or b"")
         use = engine.on_key(route, found)
         if use == FORWARD_UNPROTECTED:
             await self._check_etag(request, route)
@@ -331,7 +332,7 @@ class KeyedProxy:
             request.method,
             request.path,
             request.query_string,
-            lambda name: request.headers.getall(name, []),
+            header_lines,
             body,
         )
         scope_values = [request.headers.get(h, "") for h in route.scope_headers]
@@ -518,12 +519,13 @@ class KeyedProxy:
         self._settling[task] = (lease, response, release)
         task.add_done_callback(lambda done: self._settling.pop(done, None))
 
-    async def _settle_once(
+    def _settle_once(
         self, lease: _Lease, response: StoredResponse | None, release: bool
-    ) -> bool:
+    ) -> Awaitable[bool]:
+        """The store call that settles ``lease`` (to await), with no coroutine of its own."""
         if release:
-            return await self.store.release(lease.key, lease.token)
-        return await self.store.complete(lease.key, lease.token, response, lease.ttl)
+            return self.store.release(lease.key, lease.token)
+        return self.store.complete(lease.key, lease.token, response, lease.ttl)
 
     async def _settle_later(
         self, lease: _Lease, response: StoredResponse | None, release: bool, maybe_held: bool
@@ -585,6 +587,11 @@ def _refuse_if(refusal: Refuse | None) -> None:
 
 def _header_lines(request: web.BaseRequest) -> Callable[[str], list[str]]:
     return lambda name: request.headers.getall(name, [])
+
+
+def _query_value(request: web.BaseRequest) -> Callable[[str], str | None]:
+    """A query parameter's value; the query is parsed only when one is asked for."""
+    return lambda name: request.query.get(name)
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
