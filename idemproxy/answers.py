@@ -85,7 +85,12 @@ def replay(stored: StoredResponse, status_for_created: int | None = None) -> web
     status, reason = stored.status, stored.reason
     if status == 201 and status_for_created is not None:
         status, reason = status_for_created, ""
-    headers = [pair for pair in stored.headers if pair[0].lower() != _REPLAYED_NAME]
+    # Only a name of its length can be it (lower() keeps the length of any name that can), so
+    # the other names are not lowered: this runs for every header of every replay.
+    size = len(_REPLAYED_NAME)
+    headers = [
+        pair for pair in stored.headers if len(pair[0]) != size or pair[0].lower() != _REPLAYED_NAME
+    ]
     response = buffered(status, headers, stored.body, reason)
     response.headers.add(*REPLAYED_HEADER)
     return response
