@@ -607,6 +607,14 @@ async def _read_bounded(request: web.BaseRequest, limit: int) -> bytes:
         raise _too_large(limit)
     if not request.body_exists:
         return b""
+    content = request.content
+    if content.is_eof() and content.exception() is None:
+        # All of it is here already (the usual small body): taken in one call, with no read to
+        # await and no 100 Continue to send (send_continue sends none once the body has ended).
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise _too_large(limit)
+        return body
     await send_continue(request)
     chunks: list[bytes] = []
     size = 0
