@@ -326,6 +326,8 @@ class KeyedProxy:
         if isinstance(use, Refuse):
             raise use.error()
         if body is None:
+            body = _arrived_body(request, route.max_request_body)
+        if body is None:
             body = await self._read_body(request, route)
         print_ = fingerprint(
             route.fingerprint,
@@ -601,20 +603,28 @@ def _is_websocket(request: web.BaseRequest) -> bool:
     )
 
 
-async def _read_bounded(request: web.BaseRequest, limit: int) -> bytes:
+def _arrived_body(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The body if all of it is here already (the usual small body), else None (read it with
+    ``_read_bounded``). Taken in one call: no coroutine, no read to await and no 100 Continue
+    to send (send_continue sends none once the body has ended)."""
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
     if not request.body_exists:
         return b""
     content = request.content
-    if content.is_eof() and content.exception() is None:
-        # All of it is here already (the usual small body): taken in one call, with no read to
-        # await and no 100 Continue to send (send_continue sends none once the body has ended).
-        body = content.read_nowait()
-        if len(body) > limit:
-            raise _too_large(limit)
-        return body
+    if not content.is_eof() or content.exception() is not None:
+        return None
+    body = content.read_nowait()
+    if len(body) > limit:
+        raise _too_large(limit)
+    return body
+
+
+async def _read_bounded(request: web.BaseRequest, limit: int) -> bytes:
+    arrived = _arrived_body(request, limit)
+    if arrived is not None:
+        return arrived
     await send_continue(request)
     chunks: list[bytes] = []
     size = 0
