@@ -69,12 +69,10 @@ def buffered(
 def _whole(
     status: int, reason: str | None, headers: list[tuple[str, str]], body: bytes
 ) -> web.Response:
-    """A whole answer with ``reason`` as given (None: the standard phrase)."""
-    response = VerbatimResponse(status=status, reason=reason)
-    for name, value in headers:
-        response.headers.add(name, value)
-    response.body = body
-    return response
+    """A whole answer with ``reason`` as given (None: the standard phrase). The headers are
+    handed over whole: aiohttp builds its multidict from the list in one call (in order, with
+    duplicates), not one ``add`` per header."""
+    return VerbatimResponse(status=status, reason=reason, headers=headers, body=body)
 
 
 def replay(stored: StoredResponse, status_for_created: int | None = None) -> web.Response:
@@ -85,10 +83,14 @@ def replay(stored: StoredResponse, status_for_created: int | None = None) -> web
     status, reason = stored.status, stored.reason
     if status == 201 and status_for_created is not None:
         status, reason = status_for_created, ""
-    headers = [pair for pair in stored.headers if pair[0].lower() != _REPLAYED_NAME]
-    response = buffered(status, headers, stored.body, reason)
-    response.headers.add(*REPLAYED_HEADER)
-    return response
+    # Only a name of its length can be it (lower() keeps the length of any name that can), so
+    # the other names are not lowered: this runs for every header of every replay.
+    size = len(_REPLAYED_NAME)
+    headers = [
+        pair for pair in stored.headers if len(pair[0]) != size or pair[0].lower() != _REPLAYED_NAME
+    ]
+    headers.append(REPLAYED_HEADER)
+    return buffered(status, headers, stored.body, reason)
 
 
 async def relay(

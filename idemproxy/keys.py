@@ -170,7 +170,7 @@ def if_match_allows(if_match: str, current_etag: str | None) -> bool:
 
 def _length_prefixed(parts: Iterable[bytes]) -> bytes:
     """Join parts so that no two different part lists give the same bytes."""
-    return b"".join(len(part).to_bytes(8, "big") + part for part in parts)
+    return b"".join([len(part).to_bytes(8, "big") + part for part in parts])  # a list: faster
 
 
 def store_key(prefix: str, scope_values: Iterable[str], key: str) -> str:
@@ -192,7 +192,7 @@ def canonical_body(body: bytes, ignore: Pointers = ()) -> bytes:
     stripped = body.lstrip()
     if stripped[:1] in (b"{", b"["):
         try:
-            text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads
+            text = body.decode(_json_encoding(body), "surrogatepass")  # as json.loads
             document = _JSON.decode(text)
             if ignore:
                 _leave_out(document, ignore)
@@ -201,6 +201,14 @@ def canonical_body(body: bytes, ignore: Pointers = ()) -> bytes:
         except (ValueError, RecursionError, ArithmeticError, msgspec.EncodeError):
             pass  # not JSON, or JSON whose meaning is not clear-cut: compared as sent
     return b"R" + body
+
+
+def _json_encoding(body: bytes) -> str:
+    """``json.detect_encoding(body)``, answered at once for the usual body: a first byte of
+    ASCII other than NUL, then none (no BOM starts so, and only NULs there mean UTF-16/32)."""
+    if 0 < body[0] < 0x80 and body[1:2] != b"\x00":
+        return "utf-8"
+    return json.detect_encoding(body)
 
 
 _ABSENT = object()

@@ -75,7 +75,11 @@ class _CompiledRoute(Generic[R]):
         fixed = self.segments
         if len(segments) < len(fixed) or (not self.open_ended and len(segments) != len(fixed)):
             return False
-        return all(want is None or want == got for want, got in zip(fixed, segments, strict=False))
+        # A loop, not all() over a generator: this runs for every route tried on every request.
+        for want, got in zip(fixed, segments, strict=False):
+            if want is not None and want != got:
+                return False
+        return True
 
 
 class Policy(Generic[R]):

@@ -12,9 +12,9 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 
+import msgspec
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -59,9 +59,9 @@ _MAX_POLL = 0.2
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer
 
 
-@dataclass(frozen=True, slots=True)
-class _Lease:
-    """One keyed request's claim on its store key."""
+class _Lease(msgspec.Struct, frozen=True):
+    """One keyed request's claim on its store key (a Struct: immutable, and made far faster
+    than a frozen dataclass, once per keyed request)."""
 
     route: RoutePolicy
     key: str  # the scoped store key
@@ -72,25 +72,57 @@ class _Lease:
     trace: Trace
 
 
-class _Renewal:
-    """Keeps a lease alive while its upstream call runs (every ``lock_ttl / 3``).
+class _Renewals:
+    """Keeps leases alive while their upstream calls run: each is renewed every ``lock_ttl / 3``.
 
-    Most upstream calls end long before the first renewal is due, so the renewing task is only
-    created when it is: a timer costs far less than a task per request.
+    Most upstream calls end long before their first renewal is due, so a lease costs two dict
+    operations, not a timer of its own: the leases of one ``lock_ttl`` wait in the order they
+    fall due (their start order), one timer waits for the first of them, and a renewing task is
+    created only for a lease still held when its renewal falls due.
     """
 
-    def __init__(self, store: Store, lease: _Lease) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._lease = lease
-        self._task: asyncio.Task[None] | None = None
+        # Per lock_ttl: token -> (when its first renewal is due, on the loop's clock; the lease)
+        self._waiting: dict[float, dict[str, tuple[float, _Lease]]] = {}
+        self._timers: dict[float, asyncio.TimerHandle] = {}  # per lock_ttl, while one is armed
+        self._renewing: dict[str, asyncio.Task[None]] = {}  # by token
+
+    def start(self, lease: _Lease) -> None:
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(lease.route.lock_ttl / 3, self._start)
+        lock_ttl = lease.route.lock_ttl
+        due = loop.time() + lock_ttl / 3
+        waiting = self._waiting.get(lock_ttl)
+        if waiting is None:
+            waiting = self._waiting[lock_ttl] = {}
+        waiting[lease.token] = (due, lease)
+        if lock_ttl not in self._timers:
+            self._timers[lock_ttl] = loop.call_at(due, self._fall_due, lock_ttl)
 
-    def _start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._renew(), name="lease-renewal")
+    def stop(self, lease: _Lease) -> asyncio.Task[None] | None:
+        """The lease's renewing task, cancelled, if its renewals had started: await it."""
+        if self._waiting[lease.route.lock_ttl].pop(lease.token, None) is not None:
+            return None
+        task = self._renewing.pop(lease.token, None)
+        if task is not None:
+            task.cancel()
+        return task
 
-    async def _renew(self) -> None:
-        lease, lock_ttl = self._lease, self._lease.route.lock_ttl
+    def _fall_due(self, lock_ttl: float) -> None:
+        del self._timers[lock_ttl]
+        loop = asyncio.get_running_loop()
+        waiting = self._waiting[lock_ttl]
+        while waiting:
+            token = next(iter(waiting))
+            due, lease = waiting[token]
+            if due > loop.time():
+                self._timers[lock_ttl] = loop.call_at(due, self._fall_due, lock_ttl)
+                return
+            del waiting[token]
+            self._renewing[token] = loop.create_task(self._renew(lease), name="lease-renewal")
+
+    async def _renew(self, lease: _Lease) -> None:
+        lock_ttl = lease.route.lock_ttl
         while True:
             try:
                 if not await self._store.renew(lease.key, lease.token, lock_ttl):
@@ -103,13 +135,6 @@ class _Renewal:
             except StoreUnavailable as exc:
                 event("could not renew a lease", logging.WARNING, error=str(exc))
             await asyncio.sleep(lock_ttl / 3)
-
-    async def stop(self) -> None:
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
 
 class KeyedProxy:
@@ -141,6 +166,7 @@ class KeyedProxy:
         self._handling: set[asyncio.Task[object]] = set()
         # Settlements of keyed requests cancelled mid-exchange: awaited before the store closes.
         self._cut_off: set[asyncio.Task[web.StreamResponse]] = set()
+        self._renewals = _Renewals(store)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace(request.method, request.path, time.monotonic())
@@ -292,7 +318,8 @@ class KeyedProxy:
         body = None
         if route.key.source == "body":
             body = await self._read_body(request, route)
-        found = extract_key(route.key, _header_lines(request), request.query.get, body or b"")
+        header_lines = _header_lines(request)
+        found = extract_key(route.key, header_lines, _query_value(request), body or b"")
         use = engine.on_key(route, found)
         if use == FORWARD_UNPROTECTED:
             await self._check_etag(request, route)
@@ -300,13 +327,15 @@ class KeyedProxy:
         if isinstance(use, Refuse):
             raise use.error()
         if body is None:
+            body = _arrived_body(request, route.max_request_body)
+        if body is None:
             body = await self._read_body(request, route)
         print_ = fingerprint(
             route.fingerprint,
             request.method,
             request.path,
             request.query_string,
-            lambda name: request.headers.getall(name, []),
+            header_lines,
             body,
         )
         scope_values = [request.headers.get(h, "") for h in route.scope_headers]
@@ -383,12 +412,13 @@ class KeyedProxy:
     ) -> web.StreamResponse:
         self.metrics.locks_in_flight.inc()
         try:
-            try:
-                await self._check_etag(request, lease.route)
-            except ProblemError:
-                await self._settle(lease, None, release=True)  # nothing ran
-                raise
-            renewal = _Renewal(self.store, lease)
+            if lease.route.etag_from_get:  # else no coroutine to make: nothing to check
+                try:
+                    await self._check_etag(request, lease.route)
+                except ProblemError:
+                    await self._settle(lease, None, release=True)  # nothing ran
+                    raise
+            self._renewals.start(lease)
             started = time.monotonic()
             try:
                 exchange = await self.upstream.exchange(
@@ -408,7 +438,10 @@ class KeyedProxy:
             finally:
                 elapsed = time.monotonic() - started
                 self.metrics.upstream_timer(lease.route.label).observe(elapsed)
-                await renewal.stop()
+                renewing = self._renewals.stop(lease)
+                if renewing is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await renewing
             if exchange.pending is not None:
                 lease.trace.outcome = Outcome.NEW
                 await self._settle(lease, None, release=False)
@@ -489,12 +522,13 @@ class KeyedProxy:
         self._settling[task] = (lease, response, release)
         task.add_done_callback(lambda done: self._settling.pop(done, None))
 
-    async def _settle_once(
+    def _settle_once(
         self, lease: _Lease, response: StoredResponse | None, release: bool
-    ) -> bool:
+    ) -> Awaitable[bool]:
+        """The store call that settles ``lease`` (to await), with no coroutine of its own."""
         if release:
-            return await self.store.release(lease.key, lease.token)
-        return await self.store.complete(lease.key, lease.token, response, lease.ttl)
+            return self.store.release(lease.key, lease.token)
+        return self.store.complete(lease.key, lease.token, response, lease.ttl)
 
     async def _settle_later(
         self, lease: _Lease, response: StoredResponse | None, release: bool, maybe_held: bool
@@ -558,6 +592,11 @@ def _header_lines(request: web.BaseRequest) -> Callable[[str], list[str]]:
     return lambda name: request.headers.getall(name, [])
 
 
+def _query_value(request: web.BaseRequest) -> Callable[[str], str | None]:
+    """A query parameter's value; the query is parsed only when one is asked for."""
+    return lambda name: request.query.get(name)
+
+
 def _is_websocket(request: web.BaseRequest) -> bool:
     return (
         request.headers.get("Upgrade", "").lower() == "websocket"
@@ -565,12 +604,28 @@ def _is_websocket(request: web.BaseRequest) -> bool:
     )
 
 
-async def _read_bounded(request: web.BaseRequest, limit: int) -> bytes:
+def _arrived_body(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The body if all of it is here already (the usual small body), else None (read it with
+    ``_read_bounded``). Taken in one call: no coroutine, no read to await and no 100 Continue
+    to send (send_continue sends none once the body has ended)."""
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
     if not request.body_exists:
         return b""
+    content = request.content
+    if not content.is_eof() or content.exception() is not None:
+        return None
+    body = content.read_nowait()
+    if len(body) > limit:
+        raise _too_large(limit)
+    return body
+
+
+async def _read_bounded(request: web.BaseRequest, limit: int) -> bytes:
+    arrived = _arrived_body(request, limit)
+    if arrived is not None:
+        return arrived
     await send_continue(request)
     chunks: list[bytes] = []
     size = 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+import msgspec
+
 from idemproxy.errors import UpstreamFailure
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -29,8 +31,8 @@ MAX_HEADER_FIELDS: Final = 256
 _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE = range(8)
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
+# A msgspec Struct: immutable like a frozen dataclass, and made far faster (one per response).
+class Head(msgspec.Struct, frozen=True):
     status: int
     reason: str
     headers: RawHeaders

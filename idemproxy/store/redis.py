@@ -28,6 +28,7 @@ lease blocks, its completed record replays, until it expires. New records are al
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections.abc import Awaitable
@@ -76,17 +77,40 @@ _STATE_BYTES = {ord(code): state for code, state in _STATE_CODES.items()}
 # is the length of UTF-8 text; 0x80 + n: n bytes of packed lowercase hex; 0xC0 + n: a proxy's
 # lease token "<16 hex>-<n>", the hex packed and the counter big-endian (n bytes in all).
 _HEX, _LEASE = 0x80, 0xC0
-_HEX_TEXT = re.compile(r"(?:[0-9a-f]{2}){1,63}")
-_LEASE_TOKEN = re.compile(r"([0-9a-f]{16})-(0|[1-9][0-9]{0,19})")
+# Lowercase hex of 1 to 63 whole bytes: its length is checked apart, as a repeated pair group
+# costs the regex engine several times a plain character run (a fingerprint on every acquire).
+_HEX_DIGITS = re.compile(r"[0-9a-f]+")
+_LEASE_PREFIX = re.compile(r"[0-9a-f]{16}")
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_prefix(prefix: str) -> bytes | None:
+    """A lease token's 16-hex process prefix, packed; None if it is not one. Cached: a proxy
+    process has one prefix, and packing it anew cost a microsecond per store call."""
+    return bytes.fromhex(prefix) if _LEASE_PREFIX.fullmatch(prefix) else None
+
+
+def _lease_field(text: str) -> bytes | None:
+    """The field of ``text`` (with "-" at 16) if it is a lease token ``<16 hex>-<counter below
+    2**64, no leading zero>``, else None."""
+    counter = text[17:]
+    if not (counter.isascii() and counter.isdigit()) or len(counter) > 20:
+        return None
+    if (counter[0] == "0" and counter != "0") or (n := int(counter)) >= 2**64:
+        return None
+    prefix = _packed_prefix(text[:16])
+    if prefix is None:
+        return None
+    data = prefix + n.to_bytes(max(1, -(-n.bit_length() // 8)), "big")
+    return bytes((_LEASE | len(data),)) + data
 
 
 def _field(text: str) -> bytes:
-    if _HEX_TEXT.fullmatch(text):
+    if text[16:17] == "-" and (lease := _lease_field(text)) is not None:
+        return lease
+    if len(text) % 2 == 0 and len(text) <= 126 and _HEX_DIGITS.fullmatch(text):
         data = bytes.fromhex(text)
         return bytes((_HEX | len(data),)) + data
-    if (lease := _LEASE_TOKEN.fullmatch(text)) and (n := int(lease[2])) < 2**64:
-        data = bytes.fromhex(lease[1]) + n.to_bytes(max(1, -(-n.bit_length() // 8)), "big")
-        return bytes((_LEASE | len(data),)) + data
     data = text.encode()
     if len(data) >= 128:
         raise ValueError(f"{text[:20]!r}...: a fingerprint or token longer than a record keeps")
@@ -295,6 +319,14 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+# What a Redis client raises when the store cannot answer (redis-py's errors or resp's).
+_FAILURES = (RedisError, ReplyError, OSError, TimeoutError)
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"redis: {type(exc).__name__}: {exc}", maybe_applied=not _refused(exc))
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -479,10 +511,8 @@ class RedisStore:
     async def _call(self, call: Awaitable[T]) -> T:
         try:
             return await call
-        except (RedisError, ReplyError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(
-                f"redis: {type(exc).__name__}: {exc}", maybe_applied=not _refused(exc)
-            ) from exc
+        except _FAILURES as exc:
+            raise _unavailable(exc) from exc
 
     async def acquire(
         self, key: str, fingerprint: str, token: str, lock_ttl: float
@@ -502,7 +532,10 @@ class RedisStore:
                     raise NotReplicated(f"{message}; release failed: {exc}") from exc
                 raise NotReplicated(message, maybe_applied=False)
         else:
-            result = await self._call(self._client.run(ACQUIRE, key, args))
+            try:  # not through _call: one coroutine fewer on the path of every keyed request
+                result = await self._client.run(ACQUIRE, key, args)
+            except _FAILURES as exc:
+                raise _unavailable(exc) from exc
         if result == 1:
             return None
         return decode_record(result) if isinstance(result, bytes) else _hash_record(result)
@@ -517,7 +550,10 @@ class RedisStore:
         state, data = ("c", encode_response(response)) if response is not None else ("u", b"")
         args = (token, state, data, _ms(ttl), _field(token))
         if not self._replicas:
-            return bool(await self._call(self._client.run(COMPLETE, key, args)))
+            try:  # not through _call: one coroutine fewer on the path of every new key
+                return bool(await self._client.run(COMPLETE, key, args))
+            except _FAILURES as exc:
+                raise _unavailable(exc) from exc
         done, acked = await self._run_waited(COMPLETE, key, args)
         if done and acked < self._replicas:
             raise NotReplicated(self._unacknowledged("completion", acked))

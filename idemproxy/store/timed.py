@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from idemproxy.observability import LocalHistogram
 from idemproxy.records import Record, StoredResponse
@@ -16,6 +16,9 @@ _OPERATIONS = ("acquire", "renew", "complete", "release", "get", "delete", "ping
 
 
 class TimedStore:
+    """Each method hands back ``_timed``'s coroutine itself: no coroutine of its own to create
+    and resume on every store call."""
+
     def __init__(self, inner: Store, timer: Callable[[str], LocalHistogram]) -> None:
         """``timer(operation)``: the histogram of one operation, asked for once each."""
         self.inner = inner
@@ -28,33 +31,33 @@ class TimedStore:
         finally:
             self._timers[operation].observe(time.monotonic() - started)
 
-    async def acquire(
+    def acquire(
         self, key: str, fingerprint: str, token: str, lock_ttl: float
-    ) -> Record | None:
-        return await self._timed("acquire", self.inner.acquire(key, fingerprint, token, lock_ttl))
+    ) -> Coroutine[Any, Any, Record | None]:
+        return self._timed("acquire", self.inner.acquire(key, fingerprint, token, lock_ttl))
 
-    async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
-        return await self._timed("renew", self.inner.renew(key, token, lock_ttl))
+    def renew(self, key: str, token: str, lock_ttl: float) -> Coroutine[Any, Any, bool]:
+        return self._timed("renew", self.inner.renew(key, token, lock_ttl))
 
-    async def complete(
+    def complete(
         self, key: str, token: str, response: StoredResponse | None, ttl: float
-    ) -> bool:
-        return await self._timed("complete", self.inner.complete(key, token, response, ttl))
+    ) -> Coroutine[Any, Any, bool]:
+        return self._timed("complete", self.inner.complete(key, token, response, ttl))
 
-    async def release(self, key: str, token: str) -> bool:
-        return await self._timed("release", self.inner.release(key, token))
+    def release(self, key: str, token: str) -> Coroutine[Any, Any, bool]:
+        return self._timed("release", self.inner.release(key, token))
 
-    async def get(self, key: str) -> Record | None:
-        return await self._timed("get", self.inner.get(key))
+    def get(self, key: str) -> Coroutine[Any, Any, Record | None]:
+        return self._timed("get", self.inner.get(key))
 
-    async def delete(self, key: str) -> bool:
-        return await self._timed("delete", self.inner.delete(key))
+    def delete(self, key: str) -> Coroutine[Any, Any, bool]:
+        return self._timed("delete", self.inner.delete(key))
 
-    async def ping(self) -> None:
-        await self._timed("ping", self.inner.ping())
+    def ping(self) -> Coroutine[Any, Any, None]:
+        return self._timed("ping", self.inner.ping())
 
-    async def ready(self) -> None:
-        await self._timed("ping", self.inner.ready())
+    def ready(self) -> Coroutine[Any, Any, None]:
+        return self._timed("ping", self.inner.ready())
 
     async def close(self) -> None:
         await self.inner.close()
