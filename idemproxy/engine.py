@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
+
 from idemproxy.errors import ProblemError, UpstreamFailure
 from idemproxy.keys import KeyProblem, if_match_allows
 from idemproxy.records import IN_FLIGHT, UNREPLAYABLE, Record
@@ -54,10 +56,11 @@ FORWARD_UNPROTECTED: Literal["forward_unprotected"] = "forward_unprotected"
 ForwardUnprotected = Literal["forward_unprotected"]
 
 
-@dataclass(frozen=True, slots=True)
-class UseKey:
+class UseKey(msgspec.Struct, frozen=True):
     """Protect the request under ``client_key`` (None: derive it from the fingerprint), with
-    the record kept for ``ttl`` seconds and duplicates in flight handled by ``concurrency``."""
+    the record kept for ``ttl`` seconds and duplicates in flight handled by ``concurrency``.
+    A Struct, not a dataclass: one is made per keyed request, and a Struct is made in a quarter
+    of the time."""
 
     client_key: str | None
     ttl: float
