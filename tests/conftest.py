@@ -8,6 +8,7 @@ loopback port, and proxies are ``ProxyServer`` instances listening on free loopb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import shutil
@@ -281,6 +282,28 @@ class RunningProxy:
 
 
 ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+
+
+RawUpstream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def proxy_in_front_of(upstream: RawUpstream, policy: str) -> AsyncIterator[RunningProxy]:
+    """A proxy on ``policy`` in front of a raw upstream: ``upstream`` serves each connection."""
+    server = await asyncio.start_server(upstream, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    config = load_text(
+        policy,
+        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
+    )
+    proxy = ProxyServer(config)
+    await proxy.start()
+    try:
+        yield RunningProxy(proxy)
+    finally:
+        await proxy.stop()
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.fixture

@@ -14,9 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from idemproxy.app import ProxyServer
-from idemproxy.config import Overrides, load_text
-from tests.conftest import HOST, RunningProxy
+from tests.conftest import proxy_in_front_of
 
 PROMISED = 200_000
 SENT = 50_000
@@ -47,18 +45,8 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 @pytest.fixture
 async def proxy_url() -> AsyncIterator[str]:
-    upstream = await asyncio.start_server(_serve, HOST, 0)
-    port = upstream.sockets[0].getsockname()[1]
-    config = load_text(
-        POLICY,
-        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
-    )
-    server = ProxyServer(config)
-    await server.start()
-    yield RunningProxy(server).url
-    await server.stop()
-    upstream.close()
-    await upstream.wait_closed()
+    async with proxy_in_front_of(_serve, POLICY) as proxy:
+        yield proxy.url
 
 
 async def _read_cut(response: aiohttp.ClientResponse) -> int:

@@ -8,18 +8,15 @@ through a real proxy to a real upstream that records what it received.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from idemproxy.app import ProxyServer
-from idemproxy.config import Overrides, load_text
-from tests.conftest import HOST, ProxyFactory, RunningProxy, Upstream
+from tests.conftest import HOST, ProxyFactory, RunningProxy, Upstream, proxy_in_front_of
 
 BOUND = 10.0  # seconds: every exchange in this file is bounded by this
 
@@ -64,28 +61,6 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 def status_of(head: bytes) -> int:
     return int(head.split(b" ", 2)[1])
-
-
-RawUpstream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def proxy_in_front_of(upstream: RawUpstream, policy: str) -> AsyncIterator[RunningProxy]:
-    """A proxy on ``policy`` in front of a raw upstream: ``upstream`` serves each connection."""
-    server = await asyncio.start_server(upstream, HOST, 0)
-    port = server.sockets[0].getsockname()[1]
-    config = load_text(
-        policy,
-        flags=Overrides(listen=f"{HOST}:0", admin=f"{HOST}:0", upstream=f"http://{HOST}:{port}"),
-    )
-    proxy = ProxyServer(config)
-    await proxy.start()
-    try:
-        yield RunningProxy(proxy)
-    finally:
-        await proxy.stop()
-        server.close()
-        await server.wait_closed()
 
 
 def upload(path: str, body_length: int, *headers: str) -> bytes:
