@@ -218,7 +218,7 @@ def test_body_key_length_limit() -> None:
 
 def test_body_key_ignores_headers() -> None:
     result = extract_key(
-        key_policy("body"), lookup({"Idempotency-Key": "from-header"}), lookup(NOTHING), b"{}"
+        key_policy("body"), lines({"Idempotency-Key": "from-header"}), lookup(NOTHING), b"{}"
     )
     assert kind(result) == "missing"
 
@@ -244,9 +244,7 @@ def test_query_key(query: Mapping[str, str], expected: str) -> None:
 
 
 def test_query_key_ignores_headers() -> None:
-    result = extract_key(
-        key_policy("query"), lookup({"Idempotency-Key": "h"}), lookup(NOTHING), b""
-    )
+    result = extract_key(key_policy("query"), lines({"Idempotency-Key": "h"}), lookup(NOTHING), b"")
     assert kind(result) == "missing"
 
 
