@@ -31,12 +31,12 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
-from conftest import HOST
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
+from tests.conftest import HOST
 from tests.raw_reply import Reply
 
 BOUND = 5.0  # seconds: every request must be answered within this

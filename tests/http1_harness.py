@@ -15,10 +15,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from conftest import HOST
-
 from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
+from tests.conftest import HOST
 from tests.raw_reply import Reply
 
 BOUND = 10.0  # seconds: every answer must come within this (generous; never a tight timing)

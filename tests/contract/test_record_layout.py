@@ -14,6 +14,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 import pytest
@@ -263,7 +264,7 @@ async def test_a_record_is_one_compact_string(
     assert await old.raw.object("encoding", key) == b"raw"
     # state 1, created 6, fingerprint 1 + 32, token 1 + 8 + 3, response
     assert len(value) == 1 + 6 + 33 + 12 + len(encode_now(answer)) == 294
-    record = decode_record(value)
+    record = decode_record(cast(bytes, value))
     assert (record.state, record.fingerprint, record.token) == (COMPLETED, FP, token)
     assert record.response == answer
 

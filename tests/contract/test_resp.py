@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import pytest
@@ -283,7 +283,7 @@ async def scenario_restart(servers: Servers) -> None:
             server.start()
             raw = raw_client(server)
             assert await store.acquire("r:again", FP, "t3", LONG) is None
-            assert decode_record(await raw.get("r:again")).token == "t3"
+            assert decode_record(cast(bytes, await raw.get("r:again"))).token == "t3"
         finally:
             await raw.aclose()
     finally:
@@ -469,7 +469,8 @@ async def scenario_auth_and_db(servers: Servers) -> None:
                 await store.close()
             in_db = raw_client(server, db=db, password=PASSWORD)
             try:
-                assert decode_record(await in_db.get(f"auth:{i}")).token == f"t{i}", url
+                stored = cast(bytes, await in_db.get(f"auth:{i}"))
+                assert decode_record(stored).token == f"t{i}", url
             finally:
                 await in_db.aclose()
             assert await admin.exists(f"auth:{i}") == 0, url  # not in db 0
@@ -535,7 +536,8 @@ async def scenario_unix_socket(servers: Servers) -> None:
         record = await store.get("unix:1")
         assert record is not None
         assert record.response == RESPONSE
-        assert decode_record(await raw.get("unix:1")).state == COMPLETED  # in db 1, over TCP
+        stored = cast(bytes, await raw.get("unix:1"))  # in db 1, over TCP
+        assert decode_record(stored).state == COMPLETED
         unix_clients = [c for c in await raw.client_list() if "U" in c["flags"]]
         assert [c["db"] for c in unix_clients] == ["1"]  # the store came over the socket
     finally:

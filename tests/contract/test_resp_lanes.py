@@ -190,7 +190,7 @@ async def test_a_lane_killed_mid_wait_fails_its_callers_and_is_replaced(
             blocked = [c for c in await others(raw) if c["cmd"] == "wait"]
             assert blocked
             for client in blocked:
-                await raw.client_kill_filter(_id=int(client["id"]))
+                await raw.client_kill_filter(_id=client["id"])
             # The script ran; its WAIT's connection is gone: not acknowledged, and released.
             with pytest.raises(NotReplicated) as caught:
                 await asyncio.wait_for(lease, 1.0)
@@ -213,7 +213,7 @@ async def test_an_idle_lane_dropped_by_redis_is_replaced_without_failing_a_calle
         assert await store.acquire("x", "fp", "t", LONG) is None
         assert await store.get("x") is not None
         for client in await others(raw):
-            await raw.client_kill_filter(_id=int(client["id"]))
+            await raw.client_kill_filter(_id=client["id"])
         await asyncio.sleep(0.05)  # the client reads the close
         assert await store.acquire("y", "fp", "t", LONG) is None
         assert await store.complete("y", "t", RESPONSE, LONG)

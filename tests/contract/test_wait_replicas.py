@@ -287,8 +287,8 @@ def test_check_rejects_bad_wait_replicas(text: str, path: str, line: int) -> Non
 def test_wait_replicas_defaults_and_check_names_the_field(tmp_path: Path) -> None:
     store = load_text("store: {url: 'redis://h:1/0'}\n").store
     assert (store.wait_replicas, store.wait_timeout) == (0, 0.1)
-    store = load_text("store: {url: 'redis://h:1/0', wait_replicas: 2, wait_timeout: 250ms}\n")
-    assert (store.store.wait_replicas, store.store.wait_timeout) == (2, 0.25)
+    config = load_text("store: {url: 'redis://h:1/0', wait_replicas: 2, wait_timeout: 250ms}\n")
+    assert (config.store.wait_replicas, config.store.wait_timeout) == (2, 0.25)
     policy = tmp_path / "policy.yaml"
     policy.write_text("store:\n  url: memory://\n  wait_replicas: 1\n")
     result = run_cli("check", "-c", str(policy))

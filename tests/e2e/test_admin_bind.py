@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from idemproxy.config import ConfigError, Overrides, load_text
 from idemproxy.policy_values import is_loopback
+from tests.conftest import run_cli
 
 OUTSIDE = ["0.0.0.0:9901", ":9901", "10.1.2.3:9901", "[::]:9901", "admin.example.com:9901"]
 LOOPBACK = [

@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 import pytest
-from conftest import HOST
 
 from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
+from tests.conftest import HOST
 from tests.raw_reply import Reply
 
 BOUND = 5.0  # seconds: every answer must come within this

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from idemproxy.config import ConfigError, load_text
+from tests.conftest import run_cli
 from tests.hostile_harness import (
     FUZZ,
 )

@@ -13,12 +13,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import HOST, free_port, run_cli
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from idemproxy.config import ConfigError, load_text
 from idemproxy.observability import JsonFormatter
+from tests.conftest import HOST, free_port, run_cli
 from tests.hostile_harness import (
     BOUND,
     FORBIDDEN_IN_FIELDS,
@@ -28,11 +28,11 @@ from tests.hostile_harness import (
     VISIBLE,
     Harness,
     Proxy,
-    Reply,
     assert_sane,
     build,
     exchange,
 )
+from tests.raw_reply import Reply
 
 # --- 5. tenant isolation -----------------------------------------------------------------------
 

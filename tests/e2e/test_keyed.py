@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 
 from idemproxy.app import ProxyServer
 from idemproxy.config import Overrides, load_text
-from tests.conftest import HOST, free_port
+from tests.conftest import HOST, ProxyFactory, Upstream, free_port
 
 PROBLEM_TYPE_BASE = "https://idemproxy.dev/problems/"
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
@@ -199,8 +199,13 @@ routes:
     ],
 )
 async def test_required_key_absent_is_400_and_upstream_not_called(
-    make_proxy, upstream, http, store_url, key_block, path
-):
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    store_url: str,
+    key_block: str,
+    path: str,
+) -> None:
     policy = f"""
 routes:
   - match: {{methods: [POST], path: /orders}}
@@ -213,7 +218,9 @@ routes:
     assert upstream.count() == 0
 
 
-async def test_optional_key_absent_is_forwarded_unprotected(make_proxy, upstream, http, store_url):
+async def test_optional_key_absent_is_forwarded_unprotected(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("", store=store_url)
     first = await send(http, proxy.url, key=None)
     second = await send(http, proxy.url, key=None)
@@ -241,7 +248,13 @@ async def test_optional_key_absent_is_forwarded_unprotected(make_proxy, upstream
         pytest.param('"' + "k" * 256 + '"', id="quoted-256-chars"),
     ],
 )
-async def test_malformed_key_is_400_invalid(make_proxy, upstream, http, store_url, raw_key):
+async def test_malformed_key_is_400_invalid(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    store_url: str,
+    raw_key: str,
+) -> None:
     proxy = await make_proxy(REQUIRED, store=store_url)
     reply = await send(http, proxy.url, key=raw_key)
     assert_problem(reply, 400, "idempotency_key_invalid")
@@ -256,7 +269,13 @@ async def test_malformed_key_is_400_invalid(make_proxy, upstream, http, store_ur
         pytest.param("!~azAZ09-_.:/+=", id="visible-ascii-edges"),
     ],
 )
-async def test_longest_and_edge_keys_are_accepted(make_proxy, upstream, http, store_url, raw_key):
+async def test_longest_and_edge_keys_are_accepted(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    store_url: str,
+    raw_key: str,
+) -> None:
     proxy = await make_proxy(REQUIRED, store=store_url)
     first = await send(http, proxy.url, key=raw_key)
     assert_fresh_upstream_answer(first, 1)
@@ -265,7 +284,9 @@ async def test_longest_and_edge_keys_are_accepted(make_proxy, upstream, http, st
     assert upstream.count() == 1
 
 
-async def test_quoted_and_bare_forms_are_the_same_key(make_proxy, upstream, http, store_url):
+async def test_quoted_and_bare_forms_are_the_same_key(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(REQUIRED, store=store_url)
     first = await send(http, proxy.url, key='"abc"')
     assert_fresh_upstream_answer(first, 1)
@@ -289,7 +310,9 @@ defaults:
 """
 
 
-async def test_body_over_limit_with_content_length_is_413(make_proxy, upstream, http, store_url):
+async def test_body_over_limit_with_content_length_is_413(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(SMALL_BODY_LIMIT, store=store_url)
     reply = await send(http, proxy.url, body=b"x" * 101)
     assert_problem(reply, 413, "request_too_large")
@@ -301,8 +324,8 @@ async def test_body_over_limit_with_content_length_is_413(make_proxy, upstream, 
 
 
 async def test_declared_length_over_limit_is_413_before_the_body_arrives(
-    make_proxy, upstream, store_url
-):
+    make_proxy: ProxyFactory, upstream: Upstream, store_url: str
+) -> None:
     proxy = await make_proxy(SMALL_BODY_LIMIT, store=store_url)
     host, port = proxy.server.address
     reader, writer = await asyncio.open_connection(host, port)
@@ -328,7 +351,9 @@ async def test_declared_length_over_limit_is_413_before_the_body_arrives(
     assert upstream.count() == 0
 
 
-async def test_chunked_body_over_limit_is_413(make_proxy, upstream, http, store_url):
+async def test_chunked_body_over_limit_is_413(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(SMALL_BODY_LIMIT, store=store_url)
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -340,7 +365,9 @@ async def test_chunked_body_over_limit_is_413(make_proxy, upstream, http, store_
     assert upstream.count() == 0
 
 
-async def test_chunked_body_within_limit_is_forwarded(make_proxy, upstream, http, store_url):
+async def test_chunked_body_within_limit_is_forwarded(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(SMALL_BODY_LIMIT, store=store_url)
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -356,8 +383,8 @@ async def test_chunked_body_within_limit_is_forwarded(make_proxy, upstream, http
 
 
 async def test_new_key_returns_upstream_answer_and_retry_replays_it(
-    make_proxy, upstream, http, store_url
-):
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("", store=store_url)
     first = await send(http, proxy.url)
     assert_fresh_upstream_answer(first, 1)
@@ -387,7 +414,9 @@ async def test_new_key_returns_upstream_answer_and_retry_replays_it(
 # --- in flight -----------------------------------------------------------------------------------
 
 
-async def test_in_flight_duplicate_with_reject_is_409(make_proxy, upstream, http, store_url):
+async def test_in_flight_duplicate_with_reject_is_409(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("", store=store_url)
     slow = {"X-Test-Delay": SLOW}
     first = asyncio.create_task(send(http, proxy.url, headers=slow))
@@ -409,7 +438,9 @@ defaults:
 """
 
 
-async def test_in_flight_duplicate_with_wait_gets_the_replay(make_proxy, upstream, http, store_url):
+async def test_in_flight_duplicate_with_wait_gets_the_replay(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(WAIT, store=store_url)
     slow = {"X-Test-Delay": SLOW}
     first = asyncio.create_task(send(http, proxy.url, headers=slow))
@@ -421,7 +452,9 @@ async def test_in_flight_duplicate_with_wait_gets_the_replay(make_proxy, upstrea
     assert upstream.count() == 1
 
 
-async def test_wait_past_wait_timeout_is_409(make_proxy, upstream, http, store_url):
+async def test_wait_past_wait_timeout_is_409(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     policy = """
 defaults:
   concurrency: wait
@@ -450,8 +483,12 @@ REUSES = [
 
 @pytest.mark.parametrize("change", REUSES)
 async def test_same_key_other_request_after_completion_is_422(
-    make_proxy, upstream, http, store_url, change
-):
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    store_url: str,
+    change: dict[str, Any],
+) -> None:
     proxy = await make_proxy("", store=store_url)
     first = await send(http, proxy.url)
     assert_fresh_upstream_answer(first, 1)
@@ -469,8 +506,12 @@ async def test_same_key_other_request_after_completion_is_422(
 
 @pytest.mark.parametrize("change", REUSES)
 async def test_same_key_other_request_in_flight_is_422(
-    make_proxy, upstream, http, store_url, change
-):
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    store_url: str,
+    change: dict[str, Any],
+) -> None:
     proxy = await make_proxy("", store=store_url)
     first = asyncio.create_task(send(http, proxy.url, headers={"X-Test-Delay": SLOW}))
     await wait_for_calls(upstream, 1)
@@ -482,7 +523,9 @@ async def test_same_key_other_request_in_flight_is_422(
     assert upstream.count() == 1
 
 
-async def test_same_key_on_another_route_is_422(make_proxy, upstream, http, store_url):
+async def test_same_key_on_another_route_is_422(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     policy = """
 routes:
   - name: orders
@@ -503,7 +546,9 @@ routes:
 # --- fingerprints and key sources ----------------------------------------------------------------
 
 
-async def test_json_bodies_are_compared_by_value(make_proxy, upstream, http, store_url):
+async def test_json_bodies_are_compared_by_value(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("", store=store_url)
     first = await send(http, proxy.url, body=b'{"a": 1, "b": {"x": [1, 2], "y": null}}')
     assert_fresh_upstream_answer(first, 1)
@@ -521,7 +566,9 @@ routes:
 """
 
 
-async def test_key_from_body_json_pointer(make_proxy, upstream, http, store_url):
+async def test_key_from_body_json_pointer(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(BODY_KEY, store=store_url)
     first = await send(http, proxy.url, "/users", key=None, body=b'{"client_id": "c-1", "n": 1}')
     assert_fresh_upstream_answer(first, 1)
@@ -553,7 +600,9 @@ routes:
 """
 
 
-async def test_key_from_query_parameter(make_proxy, upstream, http, store_url):
+async def test_key_from_query_parameter(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(QUERY_KEY, store=store_url)
     first = await send(http, proxy.url, "/q?rid=r-1", key=None)
     assert_fresh_upstream_answer(first, 1)
@@ -570,7 +619,9 @@ async def test_key_from_query_parameter(make_proxy, upstream, http, store_url):
 # --- scoping -----------------------------------------------------------------------------------
 
 
-async def test_keys_are_scoped_per_authorization(make_proxy, upstream, http, store_url):
+async def test_keys_are_scoped_per_authorization(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("", store=store_url)
     alice = {"Authorization": "Bearer alice"}
     bob = {"Authorization": "Bearer bob"}
@@ -591,7 +642,9 @@ async def test_keys_are_scoped_per_authorization(make_proxy, upstream, http, sto
 # --- upstream statuses ---------------------------------------------------------------------------
 
 
-async def test_release_status_is_returned_but_not_stored(make_proxy, upstream, http, store_url):
+async def test_release_status_is_returned_but_not_stored(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("", store=store_url)
     unavailable = {"X-Test-Status": "503"}
     first = await send(http, proxy.url, headers=unavailable)
@@ -605,7 +658,9 @@ async def test_release_status_is_returned_but_not_stored(make_proxy, upstream, h
     assert upstream.count() == 3
 
 
-async def test_500_is_stored_and_replayed(make_proxy, upstream, http, store_url):
+async def test_500_is_stored_and_replayed(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("", store=store_url)
     failing = {"X-Test-Status": "500"}
     first = await send(http, proxy.url, headers=failing)
@@ -620,7 +675,9 @@ async def test_500_is_stored_and_replayed(make_proxy, upstream, http, store_url)
 # --- upstream failures ---------------------------------------------------------------------------
 
 
-async def test_unreachable_upstream_is_502_and_key_released(upstream, http, store_url, prefix):
+async def test_unreachable_upstream_is_502_and_key_released(
+    upstream: Upstream, http: aiohttp.ClientSession, store_url: str, prefix: str
+) -> None:
     port = free_port()
     async with own_proxy("", f"http://{HOST}:{port}", store_url, prefix) as url:
         first = await send(http, url)
@@ -640,7 +697,9 @@ upstream:
 """
 
 
-async def test_upstream_timeout_is_504_and_stored(make_proxy, upstream, http, store_url):
+async def test_upstream_timeout_is_504_and_stored(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(TIMEOUT, store=store_url)
     slow = {"X-Test-Delay": SLOW}
     first = await send(http, proxy.url, headers=slow)
@@ -653,8 +712,8 @@ async def test_upstream_timeout_is_504_and_stored(make_proxy, upstream, http, st
 
 
 async def test_upstream_timeout_with_ambiguous_release_runs_again(
-    make_proxy, upstream, http, store_url
-):
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(TIMEOUT + "defaults:\n  ambiguous: release\n", store=store_url)
     first = await send(http, proxy.url, headers={"X-Test-Delay": SLOW})
     assert_problem(first, 504, "upstream_timeout")
@@ -663,7 +722,9 @@ async def test_upstream_timeout_with_ambiguous_release_runs_again(
     assert upstream.count() == 2
 
 
-async def test_dropped_connection_is_502_and_stored(make_proxy, upstream, http, store_url):
+async def test_dropped_connection_is_502_and_stored(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("", store=store_url)
     drop = {"X-Test-Drop": "1"}
     first = await send(http, proxy.url, headers=drop)
@@ -677,8 +738,8 @@ async def test_dropped_connection_is_502_and_stored(make_proxy, upstream, http, 
 
 
 async def test_dropped_connection_with_ambiguous_release_runs_again(
-    make_proxy, upstream, http, store_url
-):
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("defaults:\n  ambiguous: release\n", store=store_url)
     first = await send(http, proxy.url, headers={"X-Test-Drop": "1"})
     assert_problem(first, 502, "upstream_unavailable")
@@ -696,8 +757,8 @@ defaults:
 
 
 async def test_response_over_storable_size_is_streamed_then_not_replayable(
-    make_proxy, upstream, http, store_url
-):
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(SMALL_STORE, store=store_url)
     big = {"X-Test-Size": "200000"}  # several reads' worth: the rest must be streamed too
     first = await send(http, proxy.url, headers=big)
@@ -713,7 +774,9 @@ async def test_response_over_storable_size_is_streamed_then_not_replayable(
     assert upstream.count() == 1
 
 
-async def test_response_of_exactly_storable_size_is_replayed(make_proxy, upstream, http, store_url):
+async def test_response_of_exactly_storable_size_is_replayed(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy(SMALL_STORE, store=store_url)
     first = await send(http, proxy.url, headers={"X-Test-Size": "1024"})
     assert first.status == 201
@@ -725,7 +788,9 @@ async def test_response_of_exactly_storable_size_is_replayed(make_proxy, upstrea
 # --- store unreachable (Redis only: the memory store cannot be unreachable) ---------------------
 
 
-async def test_store_unreachable_fail_closed_is_503(make_proxy, upstream, http):
+async def test_store_unreachable_fail_closed_is_503(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     dead_store = f"redis://{HOST}:{free_port()}/0"
     proxy = await make_proxy("store:\n  on_error: fail_closed\n", store=dead_store)
     reply = await send(http, proxy.url)
@@ -736,7 +801,9 @@ async def test_store_unreachable_fail_closed_is_503(make_proxy, upstream, http):
     assert upstream.count() == 0
 
 
-async def test_store_unreachable_fail_open_forwards_unprotected(make_proxy, upstream, http):
+async def test_store_unreachable_fail_open_forwards_unprotected(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     dead_store = f"redis://{HOST}:{free_port()}/0"
     proxy = await make_proxy("store:\n  on_error: fail_open\n", store=dead_store)
     first = await send(http, proxy.url)
@@ -750,7 +817,9 @@ async def test_store_unreachable_fail_open_forwards_unprotected(make_proxy, upst
 # --- lease renewal -------------------------------------------------------------------------------
 
 
-async def test_lease_is_renewed_while_the_upstream_call_runs(http, store_url, prefix):
+async def test_lease_is_renewed_while_the_upstream_call_runs(
+    http: aiohttp.ClientSession, store_url: str, prefix: str
+) -> None:
     # Behaviour, not elapsed time: the upstream holds its answer until the test releases it, so
     # duplicates sent after one and after two lock_ttls (the sleeps are lower bounds only) surely
     # arrive while the original runs. Without renewal the lease would be gone and a duplicate

@@ -15,6 +15,7 @@ import hashlib
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -53,7 +54,7 @@ async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
 
 
 async def start_upstream(
-    stack: contextlib.AsyncExitStack, app: web.Application, **server_kwargs: object
+    stack: contextlib.AsyncExitStack, app: web.Application, **server_kwargs: Any
 ) -> str:
     server = TestServer(app, host=HOST, port=free_port())
     await server.start_server(**server_kwargs)

@@ -11,6 +11,8 @@ import json
 
 import aiohttp
 
+from tests.conftest import ProxyFactory, Upstream
+
 STORM = 100
 SLOW = {"X-Test-Delay": "0.3"}
 BODY = b'{"amount": 1000, "currency": "EUR"}'
@@ -28,12 +30,16 @@ async def post(
         return response.status, dict(response.headers), await response.read()
 
 
-async def storm(http: aiohttp.ClientSession, base: str, keys: list[str]):
+async def storm(
+    http: aiohttp.ClientSession, base: str, keys: list[str]
+) -> list[tuple[int, dict[str, str], bytes]]:
     async with asyncio.timeout(40):
         return await asyncio.gather(*(post(http, base, key, SLOW) for key in keys))
 
 
-async def test_storm_same_key_reject(make_proxy, upstream, http, store_url):
+async def test_storm_same_key_reject(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("defaults:\n  concurrency: reject\n", store=store_url)
     replies = await storm(http, proxy.url, ["storm-key"] * STORM)
     assert upstream.count() == 1
@@ -55,7 +61,9 @@ async def test_storm_same_key_reject(make_proxy, upstream, http, store_url):
     assert upstream.count() == 1
 
 
-async def test_storm_same_key_wait(make_proxy, upstream, http, store_url):
+async def test_storm_same_key_wait(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     policy = "defaults:\n  concurrency: wait\n  wait_timeout: 20s\n"
     proxy = await make_proxy(policy, store=store_url)
     replies = await storm(http, proxy.url, ["storm-key"] * STORM)
@@ -68,7 +76,9 @@ async def test_storm_same_key_wait(make_proxy, upstream, http, store_url):
     assert {h["Location"] for _, h, _ in replies} == {"/orders/1"}
 
 
-async def test_storm_distinct_keys_each_run_once(make_proxy, upstream, http, store_url):
+async def test_storm_distinct_keys_each_run_once(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
     proxy = await make_proxy("", store=store_url)
     keys = [f"key-{i}" for i in range(STORM)]
     replies = await storm(http, proxy.url, keys)

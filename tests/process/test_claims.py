@@ -482,7 +482,7 @@ async def test_a_worker_killed_mid_storm_is_restarted_and_no_key_runs_more_than_
 
     assert {a.status for a in answers} == {201}, Counter(a.status for a in answers)
     runs = recorder.per_key()
-    first_owner = {}
+    first_owner: dict[str, int | None] = {}
     for e in recorder.executions:
         first_owner.setdefault(e.key, e.owner)
     twice = sorted(k for k in keys if runs[k] == 2)

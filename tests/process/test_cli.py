@@ -11,10 +11,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import HOST, ProxyFactory, Upstream, free_port, run_cli
 
 from idemproxy import __version__
 from tests.cli_process import CliProcess, wait_status
+from tests.conftest import HOST, ProxyFactory, Upstream, free_port, run_cli
 
 GOOD = """\
 version: 1

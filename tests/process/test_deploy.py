@@ -34,9 +34,9 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 import yaml
-from conftest import HOST, free_port, run_cli
 
 from idemproxy.policy_values import is_loopback, parse_duration, parse_host_port
+from tests.conftest import HOST, free_port, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"

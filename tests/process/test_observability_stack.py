@@ -34,8 +34,9 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import HOST, RedisProcess, Upstream, free_port
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import HOST, RedisProcess, Upstream, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 OBSERVABILITY = ROOT / "deploy" / "observability"

@@ -462,11 +462,12 @@ async def test_every_upstream_path_carries_the_proxys_span_and_a_trace_starts_wi
         for call in calls:
             trace_id, parent_id, _ = call.traceparent()
             await collector.wait_for_trace(trace_id, {call.method})
+
             # The server span ends after the answer went out: it may come in a later batch.
-            await collector.wait_for(
-                lambda t=trace_id: any(s.kind == SERVER for s in collector.trace(t)),
-                f"the server span of {trace_id}",
-            )
+            def server_span_arrived(t: str = trace_id) -> bool:
+                return any(s.kind == SERVER for s in collector.trace(t))
+
+            await collector.wait_for(server_span_arrived, f"the server span of {trace_id}")
             spans = collector.trace(trace_id)
             client = only(spans, span_id=parent_id)
             assert client.kind == CLIENT

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from idemproxy.config import (
     ConfigError,
@@ -15,6 +14,7 @@ from idemproxy.config import (
     load_text,
 )
 from idemproxy.policy import Policy
+from tests.conftest import run_cli
 from tests.policy_text import config, only_problem, route, yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"

@@ -180,8 +180,8 @@ def _responses(draw: st.DrawFn) -> StoredResponse:
         st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=40),
     )
     pairs = st.one_of(st.tuples(_names, values), st.sampled_from(STATIC_HEADERS))
-    headers = draw(st.lists(pairs, max_size=12))
-    if headers and draw(st.booleans()):  # duplicates, in another position
+    headers: list[tuple[str, str]] = draw(st.lists(pairs, max_size=12))
+    if len(headers) > 0 and draw(st.booleans()):  # duplicates, in another position
         headers.insert(draw(st.integers(0, len(headers))), draw(st.sampled_from(headers)))
     reason = draw(st.one_of(st.just(""), st.text(max_size=20)))
     return StoredResponse(draw(st.integers(100, 999)), headers, body, reason)
