@@ -44,7 +44,7 @@ from idemproxy.records import StoredResponse, unusual_reason
 from idemproxy.settings import Concurrency, Limits, RoutePolicy
 from idemproxy.store import NotReplicated, Store
 from idemproxy.tracing import NOOP, Span, Tracer
-from idemproxy.upstream import Upstream
+from idemproxy.upstream import Upstream, arrived_body
 
 log = logging.getLogger("idemproxy")
 
@@ -613,11 +613,8 @@ def _arrived_body(request: web.BaseRequest, limit: int) -> bytes | None:
         raise _too_large(limit)
     if not request.body_exists:
         return b""
-    content = request.content
-    if not content.is_eof() or content.exception() is not None:
-        return None
-    body = content.read_nowait()
-    if len(body) > limit:
+    body = arrived_body(request)
+    if body is not None and len(body) > limit:
         raise _too_large(limit)
     return body
 

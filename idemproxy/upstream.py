@@ -149,6 +149,15 @@ class _ClientResponseRest:
         self._response.release()
 
 
+def arrived_body(request: web.BaseRequest) -> bytes | None:
+    """The request's body if all of it has arrived already (the usual small body: it came with
+    its head), taken from aiohttp's buffer without awaiting anything; else None."""
+    content = request.content
+    if not content.is_eof() or content.exception() is not None:
+        return None
+    return content.read_nowait()
+
+
 async def _as_received(content: StreamReader) -> AsyncIterator[bytes]:
     """A request body in the pieces the client's connection delivered them. aiohttp's client,
     given the ``StreamReader`` itself, reads it with ``readany``, which joins every piece
@@ -280,10 +289,10 @@ class Upstream:
         through the lean client, in one write. A body still arriving, or a chunked one (SPEC 5
         keeps chunked intact), streams up through aiohttp's client as it comes."""
         if body is None and request.body_exists:
-            content = request.content
-            if request.content_length is None or not content.is_eof() or content.exception():
+            if request.content_length is not None:
+                body = arrived_body(request)
+            if body is None:
                 return await self._stream_body(request)
-            body = content.read_nowait(-1)
         return await self.exchange(request, body or b"", None)
 
     async def _stream_body(self, request: web.BaseRequest) -> Exchange:
