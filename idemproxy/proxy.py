@@ -442,12 +442,13 @@ class KeyedProxy:
                 if renewing is not None:
                     with contextlib.suppress(asyncio.CancelledError):
                         await renewing
-            if exchange.pending is not None:
-                lease.trace.outcome = Outcome.NEW
-                await self._settle(lease, None, release=False)
-                return await relay_exchange(request, exchange)
             release = engine.after_response(lease.route, exchange.status) == "release"
             lease.trace.outcome = Outcome.RELEASED if release else Outcome.NEW
+            if exchange.pending is not None:
+                # Too large to keep: streamed, and remembered as not replayable, unless its
+                # status releases the key (a large 503 page is still "try again").
+                await self._settle(lease, None, release=release)
+                return await relay_exchange(request, exchange)
             reason = unusual_reason(exchange.status, exchange.reason)
             stored = StoredResponse(exchange.status, exchange.headers, exchange.body, reason)
             await self._settle(lease, stored, release=release)

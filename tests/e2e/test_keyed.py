@@ -785,6 +785,23 @@ async def test_response_of_exactly_storable_size_is_replayed(
     assert upstream.count() == 1
 
 
+async def test_a_released_status_too_large_to_store_still_releases_the_key(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
+) -> None:
+    # A 503 is "try again" whatever its size: a large error page must not leave a record that
+    # answers every retry with 409 response_not_replayable.
+    proxy = await make_proxy(SMALL_STORE, store=store_url)
+    large_503 = {"X-Test-Status": "503", "X-Test-Size": "2000"}
+    first = await send(http, proxy.url, headers=large_503)
+    assert first.status == 503
+    assert first.body == b"x" * 2000
+    assert not first.replayed
+    retry = await send(http, proxy.url)
+    assert_fresh_upstream_answer(retry, 2)
+    assert_replay_of(await send(http, proxy.url), retry)
+    assert upstream.count() == 2
+
+
 # --- store unreachable (Redis only: the memory store cannot be unreachable) ---------------------
 
 
