@@ -1,8 +1,9 @@
 """Every private attribute of aiohttp that idemproxy reads or overrides, in one place.
 
-aiohttp has no public hook for two things a proxy needs: knowing when a request head has been
-parsed (the slowloris deadline in ``server.py``) and sending a response without the
-``Content-Type`` and ``Server`` headers aiohttp fills in. Both reach into aiohttp's internals;
+aiohttp has no public hook for three things a proxy needs: knowing when a request head has been
+parsed (the slowloris deadline in ``server.py``), sending a response without the
+``Content-Type`` and ``Server`` headers aiohttp fills in, and sending header bytes over 0x7F as
+they came. All reach into aiohttp's internals;
 this module is the only one that does, and gives each internal a name that says what it means.
 ``tests/unit/test_aiohttp_internals.py`` checks those meanings against the installed aiohttp, and
 pyproject.toml caps aiohttp at the minor release that test last passed on.
@@ -14,6 +15,8 @@ import asyncio
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
@@ -78,6 +81,47 @@ class VerbatimStreamResponse(web.StreamResponse):
         for name in added:
             self.headers.popall(name, None)
 
+    async def _write_headers(self) -> None:
+        """The head as the upstream sent it, bytes over 0x7F included.
+
+        The proxy holds the upstream's header bytes as latin-1 text, one character per byte
+        (``upstream.end_to_end``); aiohttp writes header text as UTF-8, which would send
+        ``caf\\xe9`` as ``caf\\xc3\\xa9`` and a UTF-8 cookie value encoded twice. A head with
+        such a byte is written as latin-1 instead; the usual all-ASCII head is left to aiohttp.
+        """
+        headers = self.headers
+        if (
+            "".join(headers.values()).isascii()
+            and "".join(headers.keys()).isascii()
+            and self.reason.isascii()
+        ):
+            await super()._write_headers()
+            return
+        request, writer = self._req, self._payload_writer
+        assert request is not None
+        assert writer is not None
+        version = request.version
+        status_line = f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}"
+        # aiohttp's own serialisation first: its checks (no CR or LF) and its hook still run.
+        await writer.write_headers(status_line, headers)
+        lines = [status_line, *(f"{name}: {value}" for name, value in headers.items()), "", ""]
+        try:
+            head = "\r\n".join(lines).encode("latin-1")
+        except UnicodeEncodeError:  # text of the proxy's own beyond latin-1: aiohttp's UTF-8
+            head = None
+        if head is not None:
+            replace_serialised_head(writer, head)
+        if self._send_headers_immediately:
+            writer.send_headers()
+
 
 class VerbatimResponse(VerbatimStreamResponse, web.Response):
     """The buffered twin of ``VerbatimStreamResponse`` (same headers rule, body given whole)."""
+
+
+def replace_serialised_head(writer: AbstractStreamWriter, head: bytes) -> None:
+    """Have ``writer`` send ``head`` instead of the head its ``write_headers`` serialised (it
+    keeps that until the first write or ``send_headers``)."""
+    assert isinstance(writer, StreamWriter)
+    assert writer._headers_buf is not None, "the head was already sent"
+    writer._headers_buf = head

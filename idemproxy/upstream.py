@@ -311,7 +311,9 @@ class Upstream:
             raise _client_failure(exc) from exc
         return Exchange(
             upstream.status,
-            upstream.reason or "",
+            # aiohttp's client decodes the reason as UTF-8 (surrogateescape): back to its bytes,
+            # held as latin-1 like every header (end_to_end), so that it is relayed as it came.
+            (upstream.reason or "").encode("utf-8", "surrogateescape").decode("latin-1"),
             end_to_end(upstream.raw_headers),
             b"",
             _ClientResponseRest(upstream),

@@ -401,6 +401,10 @@ ANSWERS: dict[str, bytes] = {
     "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     "reason": _answer([b"Idempotent-Replayed: false"], b"made", b"201 CREATED"),
+    # Bytes over 0x7F: a UTF-8 cookie value, a latin-1 (obs-text) one, and in the reason phrase.
+    "non-ascii": _answer(
+        [b"Set-Cookie: name=Jos\xc3\xa9", b"X-Legacy: caf\xe9 \xff"], b"ok", b"201 Cr\xe9\xe9"
+    ),
 }
 
 
@@ -542,6 +546,32 @@ async def test_reason_phrase_is_kept_and_the_upstreams_replayed_header_is_not_do
     # The first answer is the upstream's as it came; the replay carries one marker, ours.
     assert [v for n, v in first[2] if n == "Idempotent-Replayed"] == ["false"]
     assert [v for n, v in replay[2] if n == "Idempotent-Replayed"] == ["true"]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+async def test_header_bytes_over_0x7f_are_relayed_and_replayed_as_they_came(
+    raw_proxy: RunningProxy, http: aiohttp.ClientSession, path: str
+) -> None:
+    # They went out re-encoded as UTF-8 (caf\xe9 as caf\xc3\xa9, a UTF-8 cookie encoded twice):
+    # not "unchanged", and a replay not byte for byte.
+    method, target, body, headers = PATHS[path]
+    sent_head = ANSWERS["non-ascii"].split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    for attempt in range(2 if path == "keyed" else 1):
+        async with http.request(
+            method,
+            raw_proxy.url + target.replace("{name}", "non-ascii"),
+            data=body,
+            headers={k: v.replace("{name}", "non-ascii") for k, v in headers.items()},
+        ) as response:
+            assert await response.read() == b"ok"
+            relayed = [n + b": " + v for n, v in response.raw_headers]
+            assert response.status == 201
+            assert (response.reason or "").encode("utf-8", "surrogateescape") == b"Cr\xe9\xe9"
+            replayed = response.headers.get("Idempotent-Replayed")
+        assert replayed == ("true" if attempt else None)
+        assert [line for line in relayed if line.lower().startswith((b"set-", b"x-"))] == [
+            line for line in sent_head if line.lower().startswith((b"set-", b"x-"))
+        ]
 
 
 # --- requests the HTTP parser refuses --------------------------------------------------------

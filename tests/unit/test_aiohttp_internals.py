@@ -129,6 +129,8 @@ def test_every_internal_named_exists_on_the_installed_aiohttp() -> None:
         assert name in slots, f"aiohttp's RequestHandler no longer has {name}"
     assert "_close" in slots
     assert callable(getattr(web.StreamResponse, "_prepare_headers", None))
+    assert callable(getattr(web.StreamResponse, "_write_headers", None))
+    assert isinstance(web.StreamResponse._send_headers_immediately, bool)
 
 
 async def test_heads_bodies_and_the_idle_wait_mean_what_server_py_relies_on(
@@ -192,7 +194,8 @@ async def test_verbatim_responses_add_no_content_type_or_server(
     response_class: type[web.StreamResponse],
 ) -> None:
     async def handle(request: web.Request) -> web.StreamResponse:
-        response = response_class(status=201, headers={"X-Upstream": "1"})
+        # A value held as latin-1 text (one character per byte, as upstream.end_to_end makes it).
+        response = response_class(status=201, headers={"X-Upstream": "1", "X-Legacy": "caf\xe9"})
         await response.prepare(request)
         await response.write(b"body")
         await response.write_eof()
@@ -217,5 +220,6 @@ async def test_verbatim_responses_add_no_content_type_or_server(
     head = answer.split(b"\r\n\r\n", 1)[0]
     assert head.startswith(b"http/1.1 201")
     assert b"x-upstream: 1" in head
+    assert b"x-legacy: caf\xe9\r\n" in head  # the byte as it came, not UTF-8 (c3 a9)
     assert b"content-type" not in head
     assert b"\r\nserver:" not in head
