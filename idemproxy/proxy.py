@@ -376,9 +376,11 @@ class KeyedProxy:
                 )
                 if existing is None:
                     return None
-                may_wait = time.monotonic() + delay <= deadline
+                # Until the deadline itself: the last sleep is cut short to end there, and one
+                # last look at the record follows it (a holder that finishes in time is seen).
+                left = deadline - time.monotonic()
                 verdict = engine.on_existing(
-                    existing, lease.fingerprint, lease.concurrency, may_wait
+                    existing, lease.fingerprint, lease.concurrency, may_wait=left > 0
                 )
                 if isinstance(verdict, Refuse):
                     raise verdict.error()
@@ -388,7 +390,7 @@ class KeyedProxy:
                     return replay(existing.response, lease.route.replay_status)
                 if waiting is None:
                     waiting = self.tracer.start_span("wait")
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, _MAX_POLL)
         finally:
             if waiting is not None:
