@@ -205,6 +205,13 @@ async def serve(
     Returns the exit code: 0, or 1 when the proxy cannot listen.
     """
     server = ProxyServer(config, worker=supervisor is not None)
+    # Before start: its listeners (and /healthz) are up while it still probes the store (up to
+    # READY_TIMEOUT), and a signal then must not kill the process with the default action.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server, path, flags or Overrides())
     try:
         await server.start()
     except BaseException as exc:
@@ -219,11 +226,6 @@ async def serve(
             error=str(exc),
         )
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, server, path, flags or Overrides())
     heartbeat: asyncio.Task[None] | None = None
     if supervisor is not None:
         supervisor.send_bytes(b"serving")
