@@ -142,7 +142,7 @@ class ProxyServer:
         ignored = [
             name for name in _NEEDS_RESTART if getattr(new, name) != getattr(self.config, name)
         ]
-        self.config = dataclasses.replace(new, **{n: getattr(self.config, n) for n in ignored})
+        self.config = reloaded(self.config, new)
         return ignored
 
     async def stop(self) -> None:
@@ -171,6 +171,12 @@ class ProxyServer:
         await self.store.close()
         left = self.config.shutdown_timeout - (time.monotonic() - stopping)
         await self.tracer.shutdown(min(_LAST_EXPORT, max(left, 0.0)))
+
+
+def reloaded(running: Config, new: Config) -> Config:
+    """What a process runs after a reload to ``new``: its policy, with the settings that only a
+    restart applies kept from ``running``."""
+    return dataclasses.replace(new, **{name: getattr(running, name) for name in _NEEDS_RESTART})
 
 
 def _reload(server: ProxyServer, path: str | None, flags: Overrides) -> None:
