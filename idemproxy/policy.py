@@ -61,6 +61,8 @@ def _segments(path: str) -> list[str]:
 def _encoded_slash_reading(raw_path: str) -> list[str] | None:
     """The segments of a raw request target that has an encoded slash, ``%2F`` kept inside its
     segment (RFC 3986: one segment), or None when it has none (both readings agree then)."""
+    if "%2F" not in raw_path and "%2f" not in raw_path:  # the usual request: no allocation
+        return None
     path = raw_path.partition("?")[0]
     if "%2F" not in path and "%2f" not in path:
         return None
