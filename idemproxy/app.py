@@ -142,7 +142,7 @@ class ProxyServer:
         ignored = [
             name for name in _NEEDS_RESTART if getattr(new, name) != getattr(self.config, name)
         ]
-        self.config = dataclasses.replace(new, **{n: getattr(self.config, n) for n in ignored})
+        self.config = reloaded(self.config, new)
         return ignored
 
     async def stop(self) -> None:
@@ -171,6 +171,12 @@ class ProxyServer:
         await self.store.close()
         left = self.config.shutdown_timeout - (time.monotonic() - stopping)
         await self.tracer.shutdown(min(_LAST_EXPORT, max(left, 0.0)))
+
+
+def reloaded(running: Config, new: Config) -> Config:
+    """What a process runs after a reload to ``new``: its policy, with the settings that only a
+    restart applies kept from ``running``."""
+    return dataclasses.replace(new, **{name: getattr(running, name) for name in _NEEDS_RESTART})
 
 
 def _reload(server: ProxyServer, path: str | None, flags: Overrides) -> None:
@@ -205,6 +211,13 @@ async def serve(
     Returns the exit code: 0, or 1 when the proxy cannot listen.
     """
     server = ProxyServer(config, worker=supervisor is not None)
+    # Before start: its listeners (and /healthz) are up while it still probes the store (up to
+    # READY_TIMEOUT), and a signal then must not kill the process with the default action.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server, path, flags or Overrides())
     try:
         await server.start()
     except BaseException as exc:
@@ -219,11 +232,6 @@ async def serve(
             error=str(exc),
         )
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, server, path, flags or Overrides())
     heartbeat: asyncio.Task[None] | None = None
     if supervisor is not None:
         supervisor.send_bytes(b"serving")

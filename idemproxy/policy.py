@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
+from urllib.parse import unquote
 
 
 class Route(Protocol):
@@ -54,8 +55,23 @@ def check_pattern(pattern: str) -> str | None:
 def _segments(path: str) -> list[str]:
     """Path segments with empty and ``.`` segments dropped and ``..`` applied (RFC 3986 5.2.4),
     so ``/x/../orders`` matches what an upstream that resolves dot segments will run."""
+    return _resolved(path.split("/"))
+
+
+def _encoded_slash_reading(raw_path: str) -> list[str] | None:
+    """The segments of a raw request target that has an encoded slash, ``%2F`` kept inside its
+    segment (RFC 3986: one segment), or None when it has none (both readings agree then)."""
+    if "%2F" not in raw_path and "%2f" not in raw_path:  # the usual request: no allocation
+        return None
+    path = raw_path.partition("?")[0]
+    if "%2F" not in path and "%2f" not in path:
+        return None
+    return _resolved([unquote(segment) for segment in path.split("/")])
+
+
+def _resolved(parts: list[str]) -> list[str]:
     segments: list[str] = []
-    for segment in path.split("/"):
+    for segment in parts:
         if segment == "..":
             if segments:
                 segments.pop()
@@ -96,9 +112,16 @@ class Policy(Generic[R]):
             compiled.append(_CompiledRoute(route, fixed, open_ended))
         self._routes = tuple(compiled)
 
-    def match(self, method: str, path: str) -> R | None:
+    def match(self, method: str, path: str, raw_path: str = "") -> R | None:
+        """The first route that matches ``path`` (percent-decoded) or, when the raw target
+        ``raw_path`` has a ``%2F``, its other reading: upstreams that split the path before
+        decoding see ``/payments/a%2Fb/capture`` as ``{id}`` = ``a/b``, those that decode
+        first as four segments, and neither must slip past a keyed route."""
         segments = _segments(path)
+        other = _encoded_slash_reading(raw_path)
         for compiled in self._routes:
-            if method in compiled.route.methods and compiled.matches(segments):
+            if method in compiled.route.methods and (
+                compiled.matches(segments) or (other is not None and compiled.matches(other))
+            ):
                 return compiled.route
         return None

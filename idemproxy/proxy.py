@@ -241,7 +241,7 @@ class KeyedProxy:
             # A reverse proxy forwards origin-form targets only (no "http://host/x", "*", CONNECT).
             raise ProblemError("invalid_request_target", "the request target must be a path")
         # The policy is read once: a reload (SIGHUP) swaps it, and this request keeps its route.
-        route = self.policy.match(request.method, request.path)
+        route = self.policy.match(request.method, request.path, request.raw_path)
         if route is None:
             return await self._passthrough(request, trace)
         trace.route = route.label

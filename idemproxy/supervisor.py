@@ -28,6 +28,7 @@ multiprocess directory is set and nothing of the supervisor's state leaks into t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -42,8 +43,8 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from idemproxy.admin import AdminContext, create_admin_app, probe_store
-from idemproxy.app import HEARTBEAT_INTERVAL, last_resort, run_loop, serve
-from idemproxy.config import Config, Overrides
+from idemproxy.app import HEARTBEAT_INTERVAL, last_resort, reloaded, run_loop, serve
+from idemproxy.config import Config, ConfigError, Overrides, load
 from idemproxy.observability import LogFormat, event, setup_logging, workers_exposition
 from idemproxy.store import open_store
 
@@ -154,6 +155,15 @@ class Supervisor:
             if slot.process.pid is not None and slot.process.is_alive():
                 os.kill(slot.process.pid, signum)
 
+    def _reload(self) -> None:
+        """Forward SIGHUP to the workers, and keep the policy they reload: a worker restarted
+        later starts with it, not with the policy of the supervisor's start."""
+        if self.path is not None:
+            # An invalid file: every worker logs its problems and keeps its policy; so does this.
+            with contextlib.suppress(ConfigError):
+                self.config = reloaded(self.config, load(self.path, self.flags))
+        self._signal_all(signal.SIGHUP)
+
     def _join_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for slot in self.slots:
@@ -233,7 +243,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         watcher = asyncio.create_task(self._watch(), name="worker-watch")
         event(
             "idemproxy supervisor started",

@@ -23,9 +23,17 @@ _PARENT_STEP = re.compile(r"(\.?[^.\[\]]+|\[\d+\])$")
 
 
 class Builder:
-    def __init__(self, lines: dict[str, int], problems: list[ConfigProblem]) -> None:
+    def __init__(
+        self,
+        lines: dict[str, int],
+        problems: list[ConfigProblem],
+        expanded: dict[str, str] | None = None,
+    ) -> None:
         self.lines = lines
         self.problems = problems
+        # path -> text of an unquoted ${VAR} scalar: a string field takes it as expanded, so
+        # `token: ${TOKEN}` stays "12345" or "null" instead of becoming a number or nothing.
+        self.expanded = expanded or {}
 
     def problem(self, path: str, message: str) -> Invalid:
         """Record a problem at ``path``, with the line of the path or of its closest parent.
@@ -43,7 +51,7 @@ class Builder:
         origin = get_origin(hint)
         if origin in (Union, types.UnionType):
             options = [arg for arg in get_args(hint) if arg is not type(None)]
-            if value is None:
+            if value is None and not (options[0] is str and path in self.expanded):
                 return None
             return self.build(options[0], value, path)
         if origin is Annotated:
@@ -72,6 +80,8 @@ class Builder:
                 return self.problem(path, f"expected a whole number, got {value!r}")
             return value
         if hint is str:
+            if not isinstance(value, str) and path in self.expanded:
+                return self.expanded[path]
             if not isinstance(value, str):
                 return self.problem(path, f"expected a string, got {kind_of(value)}")
             return value

@@ -17,6 +17,9 @@ class YamlReader:
         self.text = text
         self.environ = environ
         self.lines: dict[str, int] = {}
+        # The text of each unquoted scalar that held a ${VAR}: YAML types it after expansion
+        # (so it can fill a number), but a string field takes the text as expanded.
+        self.expanded: dict[str, str] = {}
         self.problems: list[ConfigProblem] = []
 
     def read(self) -> object:
@@ -94,6 +97,7 @@ class YamlReader:
 
         expanded = ENV_REF.sub(substitute, text)
         if getattr(node, "style", None) is None:  # a plain scalar: let YAML type the result
+            self.expanded[path] = expanded
             tag = self.loader.resolve(yaml.ScalarNode, expanded, (True, False))  # type: ignore[no-untyped-call]
             return self.loader.construct_object(yaml.ScalarNode(tag, expanded))
         return expanded

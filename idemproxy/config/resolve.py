@@ -540,7 +540,7 @@ def load_text(
     """Parse and validate a policy document; raise ConfigError listing every problem."""
     reader = YamlReader(text, os.environ if environ is None else environ)
     raw = reader.read()
-    builder = Builder(reader.lines, reader.problems)
+    builder = Builder(reader.lines, reader.problems, reader.expanded)
     doc = builder.build(PolicyDocument, raw, "") if raw is not None else INVALID
     config = (
         _resolve(doc, flags or Overrides(), builder, source)

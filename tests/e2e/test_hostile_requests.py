@@ -403,3 +403,26 @@ def test_dot_segments_do_not_slip_past_a_keyed_route(
     reply = assert_sane(exchange(proxy.port, request), request)
     assert not memory_harness.recorder.calls, "a key-required route was reached without a key"
     assert 400 <= reply.status < 500
+
+
+ENCODED_SLASH_ROUTES = """
+routes:
+  - match: {methods: [POST], path: "/payments/{id}/capture"}
+    key: {required: true}
+  - match: {methods: [POST], path: /files/a/b}
+    key: {required: true}
+"""
+
+
+@pytest.mark.parametrize("target", [b"/payments/a%2Fb/capture", b"/files/a%2fb"])
+def test_an_encoded_slash_does_not_slip_past_a_keyed_route(
+    memory_harness: Harness, target: bytes
+) -> None:
+    """SPEC 3: ``{name}`` is one segment, and ``a%2Fb`` is one (RFC 3986); an upstream that
+    splits the path before decoding runs the capture. Before, matching on the decoded path saw
+    four segments, so the key-required route was passed through without a key."""
+    proxy = memory_harness.proxy(ENCODED_SLASH_ROUTES)
+    request = build(b"POST", target, [], b"{}")
+    reply = assert_sane(exchange(proxy.port, request), request)
+    assert not memory_harness.recorder.calls, "a key-required route was reached without a key"
+    assert (reply.status, reply.code) == (400, "idempotency_key_missing")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +18,7 @@ from tests.conftest import HOST, RedisProcess, free_port, run_cli
 
 PASSWORD = "right-horse-battery-0451"
 WRONG = "wrong-staple-0452"
+RELOAD_SKIPPED = "reload skipped: idemproxy runs without a policy file"
 STORE_DOWN = (
     "the store does not answer: /readyz answers 503 until it does, and keyed requests get 503"
 )
@@ -108,6 +111,27 @@ async def test_an_unreachable_redis_is_a_warning_at_start_and_readyz_follows_it_
         await wait_status(http, proc, f"http://{HOST}:{admin}/readyz", 200)
     finally:
         redis.stop()
+
+
+async def test_signals_while_the_store_probe_at_start_waits_reload_then_stop_with_exit_0(
+    http: aiohttp.ClientSession, started: list[CliProcess]
+) -> None:
+    """SPEC 2 and 7: SIGHUP reloads (or keeps the old policy), SIGTERM exits 0. Before, the
+    handlers came after the store probe: with a store that does not answer, /healthz said 200
+    for up to 2 s during which SIGHUP killed the process (exit -1) and SIGTERM gave -15."""
+    admin = free_port()
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind((HOST, 0))
+        silent.listen()
+        store = f"redis://{HOST}:{silent.getsockname()[1]}/0"
+        proc = await CliProcess(*run_args(store, admin)).start()
+        started.append(proc)
+        await wait_status(http, proc, f"http://{HOST}:{admin}/healthz", 200)
+        os.kill(proc.pid, signal.SIGHUP)
+        await proc.wait_for(lambda: started_line(proc), "the started line")
+        await proc.wait_for(lambda: bool(proc.messages(RELOAD_SKIPPED)), "the reload line")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert await proc.wait_exit() == 0, proc.stderr
 
 
 # --- store URLs: check and run judge them alike ---------------------------------------------

@@ -345,3 +345,42 @@ async def test_sighup_is_forwarded_to_every_worker(
     await proc.wait_for(lambda: len(proc.messages("policy reloaded")) == 2, "two reloads")
     assert all(e["routes"] == 2 for e in proc.messages("policy reloaded"))
     assert await status(http, f"http://{HOST}:{admin}/healthz") == 200
+
+
+async def test_a_worker_restarted_after_a_reload_serves_the_reloaded_policy(
+    redis_server: RedisProcess,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    started: list[CliProcess],
+    tmp_path: Path,
+) -> None:
+    """SPEC 7: after a SIGHUP reload the new policy stays. Before, the supervisor restarted a
+    dead worker with the policy of its own start, so about half of the connections got the old
+    one again (here: 400 idempotency_key_missing for a key that is no longer required)."""
+    policy = tmp_path / "policy.yaml"
+    route = "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: %s}\n"
+    policy.write_text(route % "true")
+    listen, admin = free_port(), free_port()
+    args = run_args(upstream.url, redis_server.url, listen, admin)
+    proc = await CliProcess(*args, "-c", str(policy)).start()
+    started.append(proc)
+    health = f"http://{HOST}:{admin}/healthz"
+    await wait_status(http, proc, health, 200)
+
+    policy.write_text(route % "false")
+    os.kill(proc.pid, signal.SIGHUP)
+    await proc.wait_for(lambda: len(proc.messages("policy reloaded")) == 2, "two reloads")
+    os.kill(worker_pids(proc)[0], signal.SIGKILL)
+    await proc.wait_for(lambda: len(worker_pids(proc)) == 3, "the worker restarted")
+    await proc.wait_for(
+        lambda: len(proc.messages("idemproxy worker started")) == 3, "the new worker listening"
+    )
+    await wait_status(http, proc, health, 200)
+
+    statuses = []
+    # A new connection each time: SO_REUSEPORT spreads connections over both workers.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        for _ in range(16):
+            async with fresh.post(f"http://{HOST}:{listen}/orders", data=b"{}") as response:
+                statuses.append(response.status)
+    assert statuses == [201] * 16

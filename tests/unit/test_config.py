@@ -105,6 +105,30 @@ def test_plain_scalar_expansion_is_typed_by_yaml() -> None:
     assert problem.path == "upstream.max_connections"
 
 
+@pytest.mark.parametrize("value", ["12345", "0x1F", "yes", "null", "1_000", ""])
+def test_plain_scalar_expansion_fills_a_string_field_with_the_text_as_expanded(
+    value: str,
+) -> None:
+    """SPEC 3's own `token: ${IDEMPROXY_ADMIN_TOKEN:-}`: a token of digits was refused
+    ("expected a string, got 12345", the secret echoed), `null` silently turned the keys API
+    off, and an empty `${PREFIX}` became the default prefix instead of ""."""
+    cfg = config(
+        """
+        admin:
+          token: ${TOKEN:-}
+        store:
+          key_prefix: ${PREFIX}
+        routes:
+          - name: ${TOKEN}
+            match: {path: /a}
+        """,
+        {"TOKEN": value or "x", "PREFIX": value},
+    )
+    assert cfg.admin_token == (value or "x")
+    assert cfg.store.key_prefix == value
+    assert cfg.routes[0].label == (value or "x")
+
+
 def test_quoted_expansion_stays_a_string() -> None:
     problem = only_problem(
         """
