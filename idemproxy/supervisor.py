@@ -81,6 +81,9 @@ class _Slot:
     hung: bool = False  # serving, alive and unheard for HUNG_AFTER
     early_deaths: int = 0  # in a row
     restart_at: float | None = None  # set while the slot waits to restart its dead worker
+    # A SIGHUP came while the worker was still starting: sent once it serves (its handler is
+    # in place then; Python's default action for SIGHUP before that would end it).
+    reload_due: bool = False
 
     @property
     def up(self) -> bool:
@@ -146,14 +149,19 @@ class Supervisor:
         slot.process, slot.channel = self._spawn(slot.index)
         slot.started, slot.restart_at = time.monotonic(), None
         slot.serving = slot.hung = False
+        slot.reload_due = False  # spawned with the newest policy
 
     def serving(self) -> tuple[int, int]:
         return sum(1 for slot in self.slots if slot.up), self.count
 
     def _signal_all(self, signum: int) -> None:
         for slot in self.slots:
-            if slot.process.pid is not None and slot.process.is_alive():
-                os.kill(slot.process.pid, signum)
+            self._signal(slot, signum)
+
+    @staticmethod
+    def _signal(slot: _Slot, signum: int) -> None:
+        if slot.process.pid is not None and slot.process.is_alive():
+            os.kill(slot.process.pid, signum)
 
     def _reload(self) -> None:
         """Forward SIGHUP to the workers, and keep the policy they reload: a worker restarted
@@ -162,7 +170,11 @@ class Supervisor:
             # An invalid file: every worker logs its problems and keeps its policy; so does this.
             with contextlib.suppress(ConfigError):
                 self.config = reloaded(self.config, load(self.path, self.flags))
-        self._signal_all(signal.SIGHUP)
+        for slot in self.slots:
+            if slot.serving:
+                self._signal(slot, signal.SIGHUP)
+            else:
+                slot.reload_due = True
 
     def _join_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -177,6 +189,9 @@ class Supervisor:
             return
         if slot.process.is_alive():
             slot.hear(now)
+            if slot.reload_due and slot.serving:
+                slot.reload_due = False
+                self._signal(slot, signal.SIGHUP)
             return
         from prometheus_client import multiprocess
 
@@ -220,6 +235,11 @@ class Supervisor:
         return [("supervisor", os.getpid())] + [(f"worker-{i}", pid) for i, pid in alive if pid]
 
     async def run(self) -> int:
+        # First: a signal that comes while the admin listener opens must not end the process.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         store = open_store(self.config.store)
         admin = AdminContext(
             store,
@@ -240,10 +260,6 @@ class Supervisor:
             return 1
 
         self.slots = [self._start(i) for i in range(self.count)]
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
         watcher = asyncio.create_task(self._watch(), name="worker-watch")
         event(
             "idemproxy supervisor started",

@@ -347,6 +347,40 @@ async def test_sighup_is_forwarded_to_every_worker(
     assert await status(http, f"http://{HOST}:{admin}/healthz") == 200
 
 
+async def test_a_sighup_while_workers_start_reaches_them_once_they_serve(
+    redis_server: RedisProcess,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    started: list[CliProcess],
+    tmp_path: Path,
+) -> None:
+    """A spawned worker has no SIGHUP handler until it runs its loop, and the default action
+    ends it. Before, a reload sent while the workers started killed them (exit -1, counted
+    towards giving up); now the supervisor holds the SIGHUP until each worker says it serves."""
+    policy = tmp_path / "policy.yaml"
+    route = "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: %s}\n"
+    policy.write_text(route % "true")
+    listen, admin = free_port(), free_port()
+    args = run_args(upstream.url, redis_server.url, listen, admin)
+    proc = await CliProcess(*args, "-c", str(policy)).start()
+    started.append(proc)
+    await proc.wait_for(lambda: len(worker_pids(proc)) == 2, "both workers spawned")
+    # Spawned, not yet serving (a worker takes a good part of a second to import and listen):
+    # the case under test. Checked, so that the test cannot pass without reaching it.
+    assert not proc.messages("idemproxy worker started")
+    policy.write_text(route % "false")
+    os.kill(proc.pid, signal.SIGHUP)
+
+    await proc.wait_for(lambda: len(proc.messages("policy reloaded")) == 2, "both reloads")
+    await wait_status(http, proc, f"http://{HOST}:{admin}/healthz", 200)
+    assert not proc.messages("worker died; restarting it")
+    assert len(worker_pids(proc)) == 2
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        for _ in range(8):  # new connections: SO_REUSEPORT spreads them over both workers
+            async with fresh.post(f"http://{HOST}:{listen}/orders", data=b"{}") as response:
+                assert response.status == 201
+
+
 async def test_a_worker_restarted_after_a_reload_serves_the_reloaded_policy(
     redis_server: RedisProcess,
     upstream: Upstream,
