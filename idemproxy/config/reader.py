@@ -95,6 +95,10 @@ class YamlReader:
             self._problem(path, f"environment variable {name} is not set (write ${{{name}:-}})")
             return ""
 
+        if "${" in ENV_REF.sub("", text):
+            # ${VAR-x}, ${ VAR }, ${VAR:=x} ...: kept as text, `token: ${TOKEN-}` would be a
+            # token anyone reading the file knows. The value is not echoed (it may be a secret).
+            self._problem(path, "a ${ that starts no reference: write ${NAME} or ${NAME:-default}")
         expanded = ENV_REF.sub(substitute, text)
         if getattr(node, "style", None) is None:  # a plain scalar: let YAML type the result
             self.expanded[path] = expanded

@@ -105,6 +105,16 @@ def test_plain_scalar_expansion_is_typed_by_yaml() -> None:
     assert problem.path == "upstream.max_connections"
 
 
+@pytest.mark.parametrize("text", ["${TOKEN-}", "${ TOKEN }", "${TOKEN:=x}", "a${TOKEN", "${}"])
+def test_a_malformed_reference_is_an_error_not_text(text: str) -> None:
+    """Only ${NAME} and ${NAME:-default} are references (SPEC 3). Another ${ was kept as text:
+    `token: ${TOKEN-}` set the literal token "${TOKEN-}", known to anyone who reads the file."""
+    problem = only_problem(f'admin:\n  token: "{text}"\n', {"TOKEN": "secret"})
+    assert problem.path == "admin.token"
+    assert problem.line == 2
+    assert "${NAME:-default}" in problem.message
+
+
 @pytest.mark.parametrize("value", ["12345", "0x1F", "yes", "null", "1_000", ""])
 def test_plain_scalar_expansion_fills_a_string_field_with_the_text_as_expanded(
     value: str,
