@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 _FILLED_IN = (hdrs.CONTENT_TYPE, hdrs.SERVER)
 
@@ -38,6 +38,21 @@ class InspectableRequestHandler(RequestHandler):
     def newest_request_body(self) -> StreamReader:
         """The body of the request whose head was parsed last (queued, not yet handled)."""
         return self._messages[-1][1]
+
+    @property
+    def newest_refusal(self) -> BaseException | None:
+        """The parser's error when the newest queued message is its refusal, else None. aiohttp
+        queues a refusal (with no body) when its parser fails, also mid-way through a body whose
+        head it returned earlier: that body then never ends."""
+        if not self._messages:
+            return None
+        message = self._messages[-1][0]
+        return message.exc if isinstance(message, _ErrInfo) else None
+
+    def stop_lingering(self) -> None:
+        """Read nothing more of the current request's body once it is answered (aiohttp's
+        lingering read would raise the body's error): the connection closes instead."""
+        self._lingering_time = 0.0
 
     @property
     def awaiting_request(self) -> bool:

@@ -275,6 +275,9 @@ class KeyedProxy:
             finally:
                 self.metrics.upstream_timer(trace.route).observe(time.monotonic() - started)
         except UpstreamFailure as failure:
+            refused = request.content.exception()
+            if body is None and isinstance(refused, ProblemError):
+                raise refused from None  # the parser refused the rest of its body (server.py)
             if body is None and _client_went_away(request):
                 raise ClientGone(str(failure)) from None  # its body broke off, not the upstream
             event(

@@ -596,6 +596,44 @@ async def test_a_request_the_parser_refuses_gets_a_problem_that_echoes_nothing(
     assert not [r for r in caplog.records if r.exc_info]
 
 
+@pytest.mark.parametrize("path", ["/orders", "/by-body", "/off", "/unmatched"])
+async def test_a_body_the_parser_refuses_after_its_head_gets_a_problem_at_once(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """A malformed chunk that arrives after the head was parsed (the handler already reads the
+    body): aiohttp's parser refuses it, and the client gets the 400 at once, not silence until
+    it gives up (found by hand: the answer never came, and the access line said 499)."""
+    caplog.set_level(logging.INFO, logger="idemproxy")
+    proxy = await make_proxy(KEYED)
+    reader, writer = await open_raw(proxy)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nIdempotency-Key: bad-chunk\r\n"
+            "Authorization: Bearer s3cr3t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            '11\r\n{"client_id": "c"\r\n'.encode()  # a well-framed first chunk
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the head is parsed and handled before the bad chunk comes
+        writer.write(b"zz\r\n}\r\n0\r\n\r\n")
+        head, body = await read_answer(reader)
+        assert await asyncio.wait_for(reader.read(), BOUND) == b""  # and the connection ends
+    finally:
+        writer.close()
+    problem = json.loads(body)
+    assert (status_of(head), problem["code"]) == (400, "malformed_request")
+    assert b"application/problem+json" in head
+    assert b"\r\nconnection: close" in head.lower()
+    assert b"s3cr3t" not in head + body
+    assert upstream.count() == 0
+    await _wait_for_access_lines(caplog, 1)
+    [line] = _access_lines(caplog)
+    assert (line["status"], line["outcome"]) == (400, "bad_request")
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 # --- counted for the dashboard and the alerts ------------------------------------------------
 
 
