@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
@@ -88,6 +88,17 @@ class VerbatimStreamResponse(web.StreamResponse):
     """
 
     async def _prepare_headers(self) -> None:
+        request = self._req
+        if (
+            request is not None
+            and request.version < HttpVersion11
+            and self.content_length is None
+            and not self._must_be_empty_body
+        ):
+            # An HTTP/1.0 client's body without a length ends with the connection. aiohttp
+            # writes it so but leaves a keep-alive connection open: the client never sees the
+            # end, or reads the next answer as part of this body.
+            self.force_close()
         added = [name for name in _FILLED_IN if name not in self.headers]
         await super()._prepare_headers()
         for name in added:

@@ -402,6 +402,7 @@ ANSWERS: dict[str, bytes] = {
     b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     "reason": _answer([b"Idempotent-Replayed: false"], b"made", b"201 CREATED"),
     "length-twice": _answer([b"Content-Length: 2"]),
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
 }
 
 
@@ -526,6 +527,28 @@ async def test_an_answer_repeating_its_content_length_is_relayed_with_one_or_ref
         return
     assert (status, body) == (200, b"ok")
     assert [v for n, v in headers if n.lower() == "content-length"] == ["2"]
+
+
+async def test_an_http10_keep_alive_client_gets_an_unsized_answer_ended_by_the_close(
+    raw_proxy: RunningProxy,
+) -> None:
+    """HTTP/1.0 has no chunking: an answer the upstream sent chunked goes to an HTTP/1.0 client
+    without a length, so only the close can end it (RFC 9112 6.3). Found by hand: the proxy
+    kept such a keep-alive connection open, and the next answer ran on as this body."""
+    reader, writer = await open_raw(raw_proxy)
+    try:
+        writer.write(
+            f"GET /pass/chunked HTTP/1.0\r\nHost: {HOST}\r\nConnection: keep-alive\r\n\r\n"
+            f"GET /pass/reason HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode()
+        )
+        received = await asyncio.wait_for(reader.read(), BOUND)
+    finally:
+        writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert status_of(head) == 200
+    assert b"content-length" not in head.lower()
+    assert b"keep-alive" not in head.lower()
+    assert body == b"ok"
 
 
 @pytest.mark.parametrize("path", list(PATHS))
