@@ -200,6 +200,13 @@ async def _keep_upgrade_refusal(
     refusals.append(Exchange(response.status, response.reason or "", headers, bytes(body), None))
 
 
+def _head_size(response: aiohttp.ClientResponse) -> int:
+    """The size of an answer's head as the lean client measures it against ``MAX_HEAD`` (up to
+    its blank line), taking each field as ``name:value`` with no space around the value."""
+    status_line = len("HTTP/1.1 200 ") + len(response.reason or "")
+    return status_line + sum(3 + len(name) + len(value) for name, value in response.raw_headers)
+
+
 def describe(exc: BaseException) -> str:
     """An aiohttp client error for a log line: its kind and the OS's reason, never its message,
     which quotes the upstream URL with its query and the offending bytes of the answer."""
@@ -345,6 +352,9 @@ class Upstream:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _client_failure(exc) from exc
+        if _head_size(upstream) > MAX_HEAD:  # aiohttp bounds each field, not the whole head
+            upstream.close()
+            raise UpstreamFailure("broken", "the response head is too large")
         return Exchange(
             upstream.status,
             upstream.reason or "",

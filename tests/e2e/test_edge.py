@@ -398,6 +398,8 @@ ANSWERS: dict[str, bytes] = {
     "big-field": _answer([b"X-Big: " + b"b" * 9000]),
     "256-fields": _answer([b"X-F%03d: v" % i for i in range(255)]),
     "257-fields": _answer([b"X-F%03d: v" % i for i in range(256)]),
+    "head-near-64k": _answer([b"X-Big-%d: " % i + b"b" * 15000 for i in range(4)]),
+    "head-over-64k": _answer([b"X-Big-%d: " % i + b"b" * 17000 for i in range(4)]),
     "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     "reason": _answer([b"Idempotent-Replayed: false"], b"made", b"201 CREATED"),
@@ -484,7 +486,7 @@ async def _through(
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("name", ["big-field", "256-fields"])
+@pytest.mark.parametrize("name", ["big-field", "256-fields", "head-near-64k"])
 async def test_large_upstream_heads_are_relayed_on_every_path(
     raw_proxy: RunningProxy, big_heads_http: aiohttp.ClientSession, path: str, name: str
 ) -> None:
@@ -496,7 +498,7 @@ async def test_large_upstream_heads_are_relayed_on_every_path(
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("name", ["257-fields", "length-and-chunked"])
+@pytest.mark.parametrize("name", ["257-fields", "head-over-64k", "length-and-chunked"])
 async def test_an_answer_no_path_can_frame_is_a_502_on_every_path_and_says_why(
     raw_proxy: RunningProxy,
     http: aiohttp.ClientSession,
