@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 _FILLED_IN = (hdrs.CONTENT_TYPE, hdrs.SERVER)
 
@@ -41,6 +41,21 @@ class InspectableRequestHandler(RequestHandler):
     def newest_request_body(self) -> StreamReader:
         """The body of the request whose head was parsed last (queued, not yet handled)."""
         return self._messages[-1][1]
+
+    @property
+    def newest_refusal(self) -> BaseException | None:
+        """The parser's error when the newest queued message is its refusal, else None. aiohttp
+        queues a refusal (with no body) when its parser fails, also mid-way through a body whose
+        head it returned earlier: that body then never ends."""
+        if not self._messages:
+            return None
+        message = self._messages[-1][0]
+        return message.exc if isinstance(message, _ErrInfo) else None
+
+    def stop_lingering(self) -> None:
+        """Read nothing more of the current request's body once it is answered (aiohttp's
+        lingering read would raise the body's error): the connection closes instead."""
+        self._lingering_time = 0.0
 
     @property
     def awaiting_request(self) -> bool:
@@ -76,6 +91,17 @@ class VerbatimStreamResponse(web.StreamResponse):
     """
 
     async def _prepare_headers(self) -> None:
+        request = self._req
+        if (
+            request is not None
+            and request.version < HttpVersion11
+            and self.content_length is None
+            and not self._must_be_empty_body
+        ):
+            # An HTTP/1.0 client's body without a length ends with the connection. aiohttp
+            # writes it so but leaves a keep-alive connection open: the client never sees the
+            # end, or reads the next answer as part of this body.
+            self.force_close()
         added = [name for name in _FILLED_IN if name not in self.headers]
         await super()._prepare_headers()
         for name in added:

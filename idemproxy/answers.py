@@ -46,9 +46,12 @@ async def send_continue(request: web.BaseRequest) -> None:
 
 
 def body_left_unread(request: web.BaseRequest) -> bool:
-    """A client told to wait for 100 that got a final answer instead: the connection closes
-    after it, so the body it may still send is not read as the next request."""
-    return expects_continue(request) and _CONTINUED not in request
+    """A client told to wait for 100 that got a final answer instead, or whose body the parser
+    refused mid-way: the connection closes after it, so the body it may still send is not read
+    as the next request."""
+    return (expects_continue(request) and _CONTINUED not in request) or isinstance(
+        request.content.exception(), ProblemError
+    )
 
 
 def problem_answer(problem: ProblemError) -> web.Response:

@@ -349,11 +349,13 @@ class TracedUpstream(Upstream):
             _answered(span, status)
             return status, etag
 
-    async def open_websocket(self, request: web.BaseRequest) -> aiohttp.ClientWebSocketResponse:
+    async def open_websocket(
+        self, request: web.BaseRequest
+    ) -> aiohttp.ClientWebSocketResponse | Exchange:
         with self._client_span(request, "GET") as span:
-            socket = await super().open_websocket(request)
-            _answered(span, 101)
-            return socket
+            upgraded = await super().open_websocket(request)
+            _answered(span, upgraded.status if isinstance(upgraded, Exchange) else 101)
+            return upgraded
 
 
 def _answered(span: trace.Span, status: int) -> None:

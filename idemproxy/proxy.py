@@ -44,7 +44,7 @@ from idemproxy.records import StoredResponse, unusual_reason
 from idemproxy.settings import Concurrency, Limits, RoutePolicy
 from idemproxy.store import NotReplicated, Store
 from idemproxy.tracing import NOOP, Span, Tracer
-from idemproxy.upstream import Upstream, arrived_body
+from idemproxy.upstream import Exchange, Upstream, arrived_body
 
 log = logging.getLogger("idemproxy")
 
@@ -266,7 +266,10 @@ class KeyedProxy:
     ) -> web.StreamResponse:
         try:
             if body is None and _is_websocket(request):
-                return await relay_websocket(request, await self.upstream.open_websocket(request))
+                upgraded = await self.upstream.open_websocket(request)
+                if isinstance(upgraded, Exchange):  # the upstream refused the upgrade
+                    return await relay_exchange(request, upgraded)
+                return await relay_websocket(request, upgraded)
             if body is None:
                 await send_continue(request)
             started = time.monotonic()
@@ -275,6 +278,9 @@ class KeyedProxy:
             finally:
                 self.metrics.upstream_timer(trace.route).observe(time.monotonic() - started)
         except UpstreamFailure as failure:
+            refused = request.content.exception()
+            if body is None and isinstance(refused, ProblemError):
+                raise refused from None  # the parser refused the rest of its body (server.py)
             if body is None and _client_went_away(request):
                 raise ClientGone(str(failure)) from None  # its body broke off, not the upstream
             event(

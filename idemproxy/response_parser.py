@@ -185,11 +185,13 @@ class ResponseParser:
             if not colon or not name or name != name.strip() or b"\r" in line or b"\n" in line:
                 raise _broken("malformed response header")
             value = value.strip(b" \t")
-            headers.append((name, value))
             lower = name.lower()
-            if lower == b"content-length":
-                if length is not None and value != length:
+            if lower == b"content-length" and length is not None:
+                if value != length:
                     raise _broken("conflicting Content-Length headers")
+                continue  # the same length again: relayed once (RFC 9110 8.6)
+            headers.append((name, value))
+            if lower == b"content-length":
                 length = value
             elif lower == b"transfer-encoding":
                 transfer_coded = True

@@ -19,7 +19,9 @@ Nothing here retries: an unsafe request is sent to the upstream at most once per
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Protocol
 
 import aiohttp
@@ -52,6 +54,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when empty
+# The largest answer refusing a WebSocket upgrade that is relayed; a larger one is a 502.
+_MAX_REFUSAL_BODY = 1 << 20
 
 
 def _not_forwarded(raw: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -167,6 +171,42 @@ async def _as_received(content: StreamReader) -> AsyncIterator[bytes]:
             yield chunk
 
 
+# Set by ``open_websocket`` while it connects: where the upstream's answer goes if it refuses
+# the upgrade (a 401, a 404 ...), so that the answer is relayed as it came, not as a 502.
+_upgrade_refusals: ContextVar[list[Exchange] | None] = ContextVar("upgrade_refusals", default=None)
+
+
+async def _keep_upgrade_refusal(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceRequestEndParams,
+) -> None:
+    """An upstream's answer to an upgrade that is not 101, read whole before ``ws_connect``
+    discards it (aiohttp has no other way to it: its handshake error keeps status and headers
+    only). Runs in the task of ``open_websocket``, for every request of the session."""
+    refusals = _upgrade_refusals.get()
+    response = params.response
+    if refusals is None or response.status == 101:
+        return
+    body = bytearray()
+    try:
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > _MAX_REFUSAL_BODY:
+                return
+    except (TimeoutError, aiohttp.ClientError):
+        return
+    headers = end_to_end(response.raw_headers)
+    refusals.append(Exchange(response.status, response.reason or "", headers, bytes(body), None))
+
+
+def _head_size(response: aiohttp.ClientResponse) -> int:
+    """The size of an answer's head as the lean client measures it against ``MAX_HEAD`` (up to
+    its blank line), taking each field as ``name:value`` with no space around the value."""
+    status_line = len("HTTP/1.1 200 ") + len(response.reason or "")
+    return status_line + sum(3 + len(name) + len(value) for name, value in response.raw_headers)
+
+
 def describe(exc: BaseException) -> str:
     """An aiohttp client error for a log line: its kind and the OS's reason, never its message,
     which quotes the upstream URL with its query and the offending bytes of the answer."""
@@ -203,6 +243,8 @@ class Upstream:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.config.max_connections, force_close=False)
+        upgrade_refusals = aiohttp.TraceConfig()
+        upgrade_refusals.on_request_end.append(_keep_upgrade_refusal)
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,  # bytes go back exactly as the upstream sent them
@@ -213,6 +255,7 @@ class Upstream:
             max_line_size=MAX_HEAD,
             max_field_size=MAX_HEAD,
             max_headers=MAX_HEADER_FIELDS,
+            trace_configs=[upgrade_refusals],
         )
 
     async def close(self) -> None:
@@ -309,6 +352,9 @@ class Upstream:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _client_failure(exc) from exc
+        if _head_size(upstream) > MAX_HEAD:  # aiohttp bounds each field, not the whole head
+            upstream.close()
+            raise UpstreamFailure("broken", "the response head is too large")
         return Exchange(
             upstream.status,
             # aiohttp's client decodes the reason as UTF-8 (surrogateescape): back to its bytes,
@@ -319,8 +365,11 @@ class Upstream:
             _ClientResponseRest(upstream),
         )
 
-    async def open_websocket(self, request: web.BaseRequest) -> aiohttp.ClientWebSocketResponse:
-        """Connect the upstream end of a WebSocket, offering the client's subprotocols."""
+    async def open_websocket(
+        self, request: web.BaseRequest
+    ) -> aiohttp.ClientWebSocketResponse | Exchange:
+        """Connect the upstream end of a WebSocket, offering the client's subprotocols; or the
+        upstream's answer when it refuses the upgrade (to relay like any other answer)."""
         offered = [
             p.strip()
             for value in request.headers.getall("Sec-WebSocket-Protocol", ())
@@ -331,6 +380,8 @@ class Upstream:
         for name in list(headers):
             if name.lower().startswith("sec-websocket-"):
                 headers.popall(name, None)
+        refusals: list[Exchange] = []
+        watching = _upgrade_refusals.set(refusals)
         try:
             return await self.session.ws_connect(
                 self.url(request),
@@ -339,5 +390,11 @@ class Upstream:
                 timeout=aiohttp.ClientWSTimeout(ws_close=10.0),
                 autoping=False,
             )
+        except aiohttp.WSServerHandshakeError as exc:
+            if refusals:
+                return refusals[0]
+            raise UpstreamFailure("connect", f"websocket: {describe(exc)}") from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamFailure("connect", f"websocket: {describe(exc)}") from exc
+        finally:
+            _upgrade_refusals.reset(watching)

@@ -678,6 +678,52 @@ async def test_websocket_upstream_close_propagates_to_the_client(
     await asyncio.wait_for(endpoint.closed.wait(), BOUND)
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_an_upgrade_the_upstream_refuses_gets_the_upstreams_answer(
+    stack: contextlib.AsyncExitStack, http: aiohttp.ClientSession, framing: str
+) -> None:
+    """A WebSocket endpoint that wants credentials answers 401: the client gets that answer,
+    status, headers and body, not a 502 that says the upstream is down (found by hand: a 403
+    came back as 502 upstream_unavailable, logged as an upstream failure)."""
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        headers = {"WWW-Authenticate": 'Bearer realm="ws"', "X-Refused": "yes"}
+        if framing == "length":
+            return web.Response(status=401, text="log in first", headers=headers)
+        response = web.StreamResponse(status=401, headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"log in ")
+        await response.write(b"first")
+        return response
+
+    proxy = await start_proxy(stack, await start_upstream(stack, single_route_app(refuse)))
+    port = proxy.server.address[1]
+    upgrade = (
+        f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    received = await raw_exchange(
+        port,
+        upgrade.encode()
+        + f"GET /next HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    upgrade_headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    async with http.get(f"http://{HOST}:{port}/ws", headers=upgrade_headers) as response:
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="ws"'
+        assert response.headers["X-Refused"] == "yes"
+        assert await response.read() == b"log in first"
+    # The connection stays usable: the request after the refused upgrade is answered too.
+    assert received.startswith(b"HTTP/1.1 401 ")
+    assert received.count(b"HTTP/1.1 401 ") == 2  # the next request reached the same upstream
+
+
 # --- upstream down -----------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from idemproxy.aiohttp_internals import (
     InspectableRequestHandler,
@@ -128,6 +128,10 @@ def test_every_internal_named_exists_on_the_installed_aiohttp() -> None:
     for name in ("_request_count", "_messages", "_waiter", "_payload_parser", "_force_close"):
         assert name in slots, f"aiohttp's RequestHandler no longer has {name}"
     assert "_close" in slots
+    assert "_lingering_time" in slots
+    # A refusal queued as a message carries the parser's error (newest_refusal).
+    refused = ValueError("refused")
+    assert _ErrInfo(status=400, exc=refused, message="m").exc is refused
     assert callable(getattr(web.StreamResponse, "_prepare_headers", None))
     assert callable(getattr(web.StreamResponse, "_write_headers", None))
     assert isinstance(web.StreamResponse._send_headers_immediately, bool)
