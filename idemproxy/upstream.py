@@ -225,11 +225,32 @@ def _client_failure(exc: TimeoutError | aiohttp.ClientError) -> UpstreamFailure:
     return UpstreamFailure("broken", describe(exc))
 
 
+def _client_session(
+    connector: aiohttp.BaseConnector,
+    owner: bool = True,
+    trace_configs: list[aiohttp.TraceConfig] | None = None,
+) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=connector,
+        connector_owner=owner,
+        auto_decompress=False,  # bytes go back exactly as the upstream sent them
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Heads as large as the lean client takes (aiohttp's defaults are 8 KiB a line and 128
+        # fields): an answer is relayed, or refused, the same way on every path.
+        max_line_size=MAX_HEAD,
+        max_field_size=MAX_HEAD,
+        max_headers=MAX_HEADER_FIELDS,
+        trace_configs=trace_configs,
+    )
+
+
 class Upstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.base = config.url
         self._session: aiohttp.ClientSession | None = None
+        self._upgrades: aiohttp.ClientSession | None = None
         self._lean = Http1Pool(
             config.url, config.max_connections, config.connect_timeout, config.timeout
         )
@@ -243,23 +264,18 @@ class Upstream:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.config.max_connections, force_close=False)
+        self._session = _client_session(connector)
+        # WebSocket upgrades get a session of their own on the same connections: the hook that
+        # keeps a refused upgrade's answer runs for them only (with any trace hook, aiohttp
+        # signals every request's every chunk: +3.6 % instructions on a chunked 1 MiB upload).
         upgrade_refusals = aiohttp.TraceConfig()
         upgrade_refusals.on_request_end.append(_keep_upgrade_refusal)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,  # bytes go back exactly as the upstream sent them
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # Heads as large as the lean client takes (aiohttp's defaults are 8 KiB a line and
-            # 128 fields): an answer is relayed, or refused, the same way on every path.
-            max_line_size=MAX_HEAD,
-            max_field_size=MAX_HEAD,
-            max_headers=MAX_HEADER_FIELDS,
-            trace_configs=[upgrade_refusals],
-        )
+        self._upgrades = _client_session(connector, owner=False, trace_configs=[upgrade_refusals])
 
     async def close(self) -> None:
         self._lean.close()
+        if self._upgrades is not None:
+            await self._upgrades.close()
         if self._session is not None:
             await self._session.close()
 
@@ -383,7 +399,8 @@ class Upstream:
         refusals: list[Exchange] = []
         watching = _upgrade_refusals.set(refusals)
         try:
-            return await self.session.ws_connect(
+            assert self._upgrades is not None, "Upstream.start() was not awaited"
+            return await self._upgrades.ws_connect(
                 self.url(request),
                 headers=headers,
                 protocols=offered,
