@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.connector import Connection
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
@@ -143,6 +145,30 @@ class VerbatimStreamResponse(web.StreamResponse):
 
 class VerbatimResponse(VerbatimStreamResponse, web.Response):
     """The buffered twin of ``VerbatimStreamResponse`` (same headers rule, body given whole)."""
+
+
+class VerbatimClientRequest(aiohttp.ClientRequest):
+    """aiohttp's client request, sending the client's header bytes as they came.
+
+    ``Upstream.request_headers`` holds them as UTF-8 text with the bytes that are not UTF-8 as
+    surrogates (``surrogateescape``); aiohttp writes header text as UTF-8 and silently drops
+    surrogates, so ``X-Name: caf\\xe9`` reached the upstream as ``X-Name: caf``. A head with
+    such a character is written again from the same text, surrogates back to their bytes, before
+    the first body bytes send it (aiohttp holds the head until then, ``write_bytes``).
+    """
+
+    async def write_bytes(
+        self, writer: AbstractStreamWriter, conn: Connection, content_length: int | None = None
+    ) -> None:
+        headers = self.headers
+        if not ("".join(headers.values()).isascii() and "".join(headers.keys()).isascii()):
+            assert isinstance(writer, StreamWriter)
+            assert writer._headers_buf is not None
+            status_line = writer._headers_buf.partition(b"\r\n")[0]  # ASCII: method and target
+            lines = (f"{name}: {value}" for name, value in headers.items())
+            fields = "\r\n".join(lines).encode("utf-8", "surrogateescape")
+            replace_serialised_head(writer, status_line + b"\r\n" + fields + b"\r\n\r\n")
+        await super().write_bytes(writer, conn, content_length)
 
 
 def replace_serialised_head(writer: AbstractStreamWriter, head: bytes) -> None:

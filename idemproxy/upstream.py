@@ -30,6 +30,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
+from idemproxy.aiohttp_internals import VerbatimClientRequest
 from idemproxy.errors import UpstreamFailure
 from idemproxy.http1 import (
     MAX_HEAD,
@@ -242,6 +243,7 @@ def _client_session(
         max_field_size=MAX_HEAD,
         max_headers=MAX_HEADER_FIELDS,
         trace_configs=trace_configs,
+        request_class=VerbatimClientRequest,
     )
 
 

@@ -615,6 +615,56 @@ async def test_header_bytes_over_0x7f_are_relayed_and_replayed_as_they_came(
         ]
 
 
+# Bytes over 0x7F in a request head: a UTF-8 value and a latin-1 (obs-text) one.
+_OBS_TEXT_LINES = [b"X-Utf8: Jos\xc3\xa9", b"X-Legacy: caf\xe9 \xff"]
+_REQUESTS_WITH_OBS_TEXT = {
+    # (the head without the lines under test, the body with it, the body parts sent later)
+    "streamed-chunked": (
+        b"POST /pass/x HTTP/1.1\r\nTransfer-Encoding: chunked",
+        b"",
+        [b"2\r\nab\r\n", b"0\r\n\r\n"],
+    ),
+    "streamed-length": (b"POST /pass/x HTTP/1.1\r\nContent-Length: 4", b"ab", [b"cd"]),
+    "whole-post": (b"POST /pass/x HTTP/1.1\r\nContent-Length: 2", b"ab", []),
+    "keyed": (b"POST /keyed/x HTTP/1.1\r\nIdempotency-Key: k\r\nContent-Length: 2", b"ab", []),
+    "get": (b"GET /pass/x HTTP/1.1", b"", []),
+}
+
+
+@pytest.mark.parametrize("shape", list(_REQUESTS_WITH_OBS_TEXT))
+async def test_request_header_bytes_over_0x7f_reach_the_upstream_as_they_came(shape: str) -> None:
+    """RFC 9110 5.5 obs-text is forwarded as is. A body still arriving goes through aiohttp's
+    client, which wrote header text as UTF-8 and dropped what did not encode: the upstream got
+    `X-Legacy: caf` (found by the section 4 audit)."""
+    heads: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    head, first, later = _REQUESTS_WITH_OBS_TEXT[shape]
+    async with proxy_in_front_of(upstream, ROUTES) as proxy:
+        reader, writer = await open_raw(proxy)
+        try:
+            writer.write(b"\r\n".join([head, b"Host: x", *_OBS_TEXT_LINES]) + b"\r\n\r\n" + first)
+            for part in later:  # after the request was forwarded: aiohttp's client streams it
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(part)
+            answer, body = await read_answer(reader)
+        finally:
+            writer.close()
+    assert (status_of(answer), body) == (200, b"ok")
+    (received,) = heads
+    assert [
+        line
+        for line in received.split(b"\r\n")
+        if line.startswith(b"X-U") or line.startswith(b"X-L")
+    ] == _OBS_TEXT_LINES
+
+
 # --- requests the HTTP parser refuses --------------------------------------------------------
 
 SECRET = "Bearer s3cr3t-t0ken"

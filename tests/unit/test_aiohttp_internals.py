@@ -6,6 +6,7 @@ silently breaking the slowloris deadline or the verbatim headers.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import tomllib
 from collections.abc import AsyncIterator
@@ -135,6 +136,9 @@ def test_every_internal_named_exists_on_the_installed_aiohttp() -> None:
     assert callable(getattr(web.StreamResponse, "_prepare_headers", None))
     assert callable(getattr(web.StreamResponse, "_write_headers", None))
     assert isinstance(web.StreamResponse._send_headers_immediately, bool)
+    # VerbatimClientRequest: the client sends its head from write_bytes' first write.
+    parameters = list(inspect.signature(aiohttp.ClientRequest.write_bytes).parameters)
+    assert parameters[:3] == ["self", "writer", "conn"], parameters
 
 
 async def test_heads_bodies_and_the_idle_wait_mean_what_server_py_relies_on(
