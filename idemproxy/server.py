@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from idemproxy.aiohttp_internals import (
@@ -73,6 +73,9 @@ def parser_refusal(exc: BaseException | None) -> ProblemError:
         return ProblemError(
             "request_head_too_large", f"a request line or header is too long ({kind})"
         )
+    # aiohttp's parsers (C and Python) say it in this message only (http_parser.py)
+    if isinstance(exc, BadHttpMessage) and exc.message.startswith("Too many headers"):
+        return ProblemError("request_head_too_large", "the request has too many header fields")
     return ProblemError("malformed_request", f"the request is not valid HTTP/1.1 ({kind})")
 
 

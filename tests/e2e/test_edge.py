@@ -682,6 +682,10 @@ REFUSED = {
     "http2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
     "lowercase-method": b"post /orders HTTP/1.1\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n\r\n",
     "long-header": b"GET / HTTP/1.1\r\nHost: x\r\nCookie: s3cr3t-t0ken" + b"c" * 9000 + b"\r\n\r\n",
+    # limits.max_headers (100): was 400 malformed_request "not valid HTTP/1.1"
+    "many-headers": b"GET / HTTP/1.1\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n"
+    + b"".join(b"X-F%03d: v\r\n" % i for i in range(120))
+    + b"\r\n",
 }
 
 
@@ -703,7 +707,9 @@ async def test_a_request_the_parser_refuses_gets_a_problem_that_echoes_nothing(
         writer.close()
     problem = json.loads(body)
     expected = (
-        (431, "request_head_too_large") if name == "long-header" else (400, "malformed_request")
+        (431, "request_head_too_large")
+        if name in ("long-header", "many-headers")
+        else (400, "malformed_request")
     )
     assert (status_of(head), problem["code"]) == expected
     assert b"application/problem+json" in head
