@@ -177,8 +177,7 @@ class ResponseParser:
             raise _broken(f"more than {MAX_HEADER_FIELDS} header fields")
         headers: RawHeaders = []
         length: bytes | None = None
-        chunked = False
-        transfer_coded = False
+        codings: list[bytes] = []  # Transfer-Encoding, over all its lines
         keep_alive = parts[0] == b"HTTP/1.1"
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
@@ -194,13 +193,17 @@ class ResponseParser:
             if lower == b"content-length":
                 length = value
             elif lower == b"transfer-encoding":
-                transfer_coded = True
-                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+                codings.extend(c.strip(b" \t").lower() for c in value.split(b",") if c.strip())
             elif lower == b"connection":
                 tokens = {token.strip().lower() for token in value.split(b",")}
                 keep_alive = (keep_alive and b"close" not in tokens) or b"keep-alive" in tokens
-        if length is not None and transfer_coded:
+        if codings and length is not None:
             raise _broken("both Transfer-Encoding and Content-Length")
+        # Only chunked is read and re-framed; a body still gzip-coded after it (`gzip, chunked`)
+        # would reach the client with nothing saying so.
+        if codings and codings != [b"chunked"]:
+            raise _broken("a transfer coding other than chunked")
+        chunked = bool(codings)
         if self._head_request or status in (101, 204, 304):
             self._remaining = 0
             self._state = _LENGTH

@@ -208,6 +208,14 @@ def _head_size(response: aiohttp.ClientResponse) -> int:
     return status_line + sum(3 + len(name) + len(value) for name, value in response.raw_headers)
 
 
+def _only_chunked(transfer_encodings: Iterable[str]) -> bool:
+    """Whether an answer's Transfer-Encoding lines name no coding but ``chunked`` (or none):
+    aiohttp's client, like the lean one, undoes only that one; a ``gzip`` after it would
+    reach the client still coded, with nothing saying so."""
+    codings = [c.strip(" \t").lower() for line in transfer_encodings for c in line.split(",")]
+    return [coding for coding in codings if coding] in ([], ["chunked"])
+
+
 def describe(exc: BaseException) -> str:
     """An aiohttp client error for a log line: its kind and the OS's reason, never its message,
     which quotes the upstream URL with its query and the offending bytes of the answer."""
@@ -373,6 +381,9 @@ class Upstream:
         if _head_size(upstream) > MAX_HEAD:  # aiohttp bounds each field, not the whole head
             upstream.close()
             raise UpstreamFailure("broken", "the response head is too large")
+        if not _only_chunked(upstream.headers.getall(hdrs.TRANSFER_ENCODING, ())):
+            upstream.close()  # as response_parser refuses it on the lean client's path
+            raise UpstreamFailure("broken", "a transfer coding other than chunked")
         return Exchange(
             upstream.status,
             # aiohttp's client decodes the reason as UTF-8 (surrogateescape): back to its bytes,

@@ -8,6 +8,7 @@ through a real proxy to a real upstream that records what it received.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -408,6 +409,10 @@ ANSWERS: dict[str, bytes] = {
         [b"Set-Cookie: name=Jos\xc3\xa9", b"X-Legacy: caf\xe9 \xff"], b"ok", b"201 Cr\xe9\xe9"
     ),
     "length-twice": _answer([b"Content-Length: 2"]),
+    # gzip still applied after the chunks are undone: relayed, the client got gzip bytes as its
+    # body with nothing saying so (noted by the section 5 audit)
+    "gzip-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    + b"%x\r\n%s\r\n0\r\n\r\n" % (len(gzip.compress(b"ok")), gzip.compress(b"ok")),
     "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
 }
 
@@ -502,7 +507,9 @@ async def test_large_upstream_heads_are_relayed_on_every_path(
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("name", ["257-fields", "head-over-64k", "length-and-chunked"])
+@pytest.mark.parametrize(
+    "name", ["257-fields", "head-over-64k", "length-and-chunked", "gzip-chunked"]
+)
 async def test_an_answer_no_path_can_frame_is_a_502_on_every_path_and_says_why(
     raw_proxy: RunningProxy,
     http: aiohttp.ClientSession,
