@@ -34,10 +34,11 @@ class KeyProblem:
 def extract_key(
     policy: KeyPolicy,
     header_lines: Callable[[str], Sequence[str]],
-    query: Callable[[str], str | None],
+    query_values: Callable[[str], Sequence[str]],
     body: bytes,
 ) -> str | KeyProblem:
-    """The client's key, or why there is none. ``header_lines``: every field line of a name."""
+    """The client's key, or why there is none. ``header_lines``: every field line of a name;
+    ``query_values``: every value of a query parameter."""
     if policy.source in ("header", "fingerprint"):  # a client's key wins over a derived one
         lines = header_lines(policy.header)
         if not lines:
@@ -52,10 +53,16 @@ def extract_key(
         where = f"the {policy.header} header"
         return _validate(_unquote_sf_string(lines[0].strip(" \t")), where)
     if policy.source == "query":
-        raw = query(policy.query_name)
-        if raw is None:
+        values = query_values(policy.query_name)
+        if not values:
             return KeyProblem("missing", f"send the {policy.query_name} query parameter")
-        return _validate(raw, f"the {policy.query_name} query parameter")
+        if len(values) > 1:
+            # As with two header lines: the upstream may read another one than the proxy keys.
+            return KeyProblem(
+                "invalid",
+                f"send the {policy.query_name} query parameter once, not {len(values)} times",
+            )
+        return _validate(values[0], f"the {policy.query_name} query parameter")
     return _key_from_body(policy.pointer, body)
 
 

@@ -325,7 +325,7 @@ class KeyedProxy:
         if route.key.source == "body":
             body = await self._read_body(request, route)
         header_lines = _header_lines(request)
-        found = extract_key(route.key, header_lines, _query_value(request), body or b"")
+        found = extract_key(route.key, header_lines, _query_values(request), body or b"")
         use = engine.on_key(route, found)
         if use == FORWARD_UNPROTECTED:
             await self._check_etag(request, route)
@@ -601,9 +601,9 @@ def _header_lines(request: web.BaseRequest) -> Callable[[str], list[str]]:
     return lambda name: request.headers.getall(name, [])
 
 
-def _query_value(request: web.BaseRequest) -> Callable[[str], str | None]:
-    """A query parameter's value; the query is parsed only when one is asked for."""
-    return lambda name: request.query.get(name)
+def _query_values(request: web.BaseRequest) -> Callable[[str], list[str]]:
+    """Every value of a query parameter; the query is parsed only when one is asked for."""
+    return lambda name: request.query.getall(name, [])
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:

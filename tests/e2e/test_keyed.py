@@ -613,6 +613,8 @@ async def test_key_from_query_parameter(
     assert_fresh_upstream_answer(other, 2)
     empty = await send(http, proxy.url, "/q?rid=", key=None)
     assert_problem(empty, 400, "idempotency_key_invalid")
+    twice = await send(http, proxy.url, "/q?rid=r-3&rid=r-4", key=None)
+    assert_problem(twice, 400, "idempotency_key_invalid")
     assert upstream.count() == 2
 
 

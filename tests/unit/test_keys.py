@@ -37,12 +37,8 @@ def key_policy(
     )
 
 
-def lookup(values: Mapping[str, str]) -> Callable[[str], str | None]:
-    return values.get
-
-
 def lines(values: Mapping[str, str]) -> Callable[[str], list[str]]:
-    """Header field lines by name, one line per name."""
+    """Header field lines (or query values) by name, one per name."""
     return lambda name: [values[name]] if name in values else []
 
 
@@ -50,17 +46,15 @@ NOTHING: Mapping[str, str] = {}
 
 
 def from_header(value: str) -> str | KeyProblem:
-    return extract_key(
-        key_policy("header"), lines({"Idempotency-Key": value}), lookup(NOTHING), b""
-    )
+    return extract_key(key_policy("header"), lines({"Idempotency-Key": value}), lines(NOTHING), b"")
 
 
 def from_body(body: bytes, pointer: str = "/client_id") -> str | KeyProblem:
-    return extract_key(key_policy("body", pointer=pointer), lines(NOTHING), lookup(NOTHING), body)
+    return extract_key(key_policy("body", pointer=pointer), lines(NOTHING), lines(NOTHING), body)
 
 
 def from_query(query: Mapping[str, str]) -> str | KeyProblem:
-    return extract_key(key_policy("query"), lines(NOTHING), lookup(query), b"")
+    return extract_key(key_policy("query"), lines(NOTHING), lines(query), b"")
 
 
 def kind(result: str | KeyProblem) -> str:
@@ -140,7 +134,7 @@ def test_header_key_length_limit() -> None:
 
 
 def test_header_key_missing() -> None:
-    result = extract_key(key_policy("header"), lines(NOTHING), lookup(NOTHING), b"")
+    result = extract_key(key_policy("header"), lines(NOTHING), lines(NOTHING), b"")
     assert isinstance(result, KeyProblem)
     assert result.kind == "missing"
     assert "Idempotency-Key" in result.detail
@@ -148,17 +142,17 @@ def test_header_key_missing() -> None:
 
 def test_header_key_uses_the_configured_header_name() -> None:
     policy = key_policy("header", header="X-Request-Id")
-    found = extract_key(policy, lines({"X-Request-Id": "r1"}), lookup(NOTHING), b"")
+    found = extract_key(policy, lines({"X-Request-Id": "r1"}), lines(NOTHING), b"")
     assert found == "r1"
-    other = extract_key(policy, lines({"Idempotency-Key": "r1"}), lookup(NOTHING), b"")
+    other = extract_key(policy, lines({"Idempotency-Key": "r1"}), lines(NOTHING), b"")
     assert kind(other) == "missing"
 
 
 def test_fingerprint_source_takes_a_client_key_from_the_header() -> None:
     policy = key_policy("fingerprint")
-    assert extract_key(policy, lines({"Idempotency-Key": "c1"}), lookup(NOTHING), b"") == "c1"
-    assert kind(extract_key(policy, lines(NOTHING), lookup(NOTHING), b"{}")) == "missing"
-    assert kind(extract_key(policy, lines({"Idempotency-Key": ""}), lookup(NOTHING), b"")) == (
+    assert extract_key(policy, lines({"Idempotency-Key": "c1"}), lines(NOTHING), b"") == "c1"
+    assert kind(extract_key(policy, lines(NOTHING), lines(NOTHING), b"{}")) == "missing"
+    assert kind(extract_key(policy, lines({"Idempotency-Key": ""}), lines(NOTHING), b"")) == (
         "invalid"
     )
 
@@ -218,7 +212,7 @@ def test_body_key_length_limit() -> None:
 
 def test_body_key_ignores_headers() -> None:
     result = extract_key(
-        key_policy("body"), lines({"Idempotency-Key": "from-header"}), lookup(NOTHING), b"{}"
+        key_policy("body"), lines({"Idempotency-Key": "from-header"}), lines(NOTHING), b"{}"
     )
     assert kind(result) == "missing"
 
@@ -243,8 +237,16 @@ def test_query_key(query: Mapping[str, str], expected: str) -> None:
     assert kind(from_query(query)) == expected
 
 
+def test_a_query_key_sent_twice_is_invalid_even_when_the_values_agree() -> None:
+    """As with two Idempotency-Key lines (SPEC 4): frameworks differ on which of ?rid=a&rid=b
+    they read, so the upstream may act on another value than the one the proxy keys on."""
+    for values in (["a", "b"], ["a", "a"]):
+        result = extract_key(key_policy("query"), lines(NOTHING), {"rid": values}.__getitem__, b"")
+        assert kind(result) == "invalid"
+
+
 def test_query_key_ignores_headers() -> None:
-    result = extract_key(key_policy("query"), lines({"Idempotency-Key": "h"}), lookup(NOTHING), b"")
+    result = extract_key(key_policy("query"), lines({"Idempotency-Key": "h"}), lines(NOTHING), b"")
     assert kind(result) == "missing"
 
 
@@ -487,7 +489,7 @@ def test_two_key_field_lines_are_invalid_even_when_they_agree(values: list[str])
     def header_lines(name: str) -> list[str]:
         return values if name == "Idempotency-Key" else []
 
-    found = extract_key(key_policy("header"), header_lines, lookup(NOTHING), b"")
+    found = extract_key(key_policy("header"), header_lines, lines(NOTHING), b"")
     assert isinstance(found, KeyProblem)
     assert found.kind == "invalid"
     assert "once" in found.detail
