@@ -12,6 +12,7 @@ pyproject.toml caps aiohttp at the minor release that test last passed on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import aiohttp
@@ -117,28 +118,20 @@ class VerbatimStreamResponse(web.StreamResponse):
         ``caf\\xe9`` as ``caf\\xc3\\xa9`` and a UTF-8 cookie value encoded twice. A head with
         such a byte is written as latin-1 instead; the usual all-ASCII head is left to aiohttp.
         """
-        headers = self.headers
-        if (
-            "".join(headers.values()).isascii()
-            and "".join(headers.keys()).isascii()
-            and self.reason.isascii()
-        ):
-            await super()._write_headers()
-            return
         request, writer = self._req, self._payload_writer
         assert request is not None
-        assert writer is not None
+        assert isinstance(writer, StreamWriter)
         version = request.version
         status_line = f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}"
-        # aiohttp's own serialisation first: its checks (no CR or LF) and its hook still run.
-        await writer.write_headers(status_line, headers)
-        lines = [status_line, *(f"{name}: {value}" for name, value in headers.items()), "", ""]
-        try:
-            head = "\r\n".join(lines).encode("latin-1")
-        except UnicodeEncodeError:  # text of the proxy's own beyond latin-1: aiohttp's UTF-8
-            head = None
-        if head is not None:
-            replace_serialised_head(writer, head)
+        # aiohttp's serialisation (UTF-8) first: its checks (no CR or LF) and its hook run. Its
+        # bytes are ASCII exactly when the text is: the usual head is checked in one C call
+        # (checking the text instead cost ~6k instructions a response).
+        await writer.write_headers(status_line, self.headers)
+        if writer._headers_buf is not None and not writer._headers_buf.isascii():
+            lines = [status_line, *(f"{n}: {v}" for n, v in self.headers.items()), "", ""]
+            # Text of the proxy's own beyond latin-1 (none is known) stays UTF-8.
+            with contextlib.suppress(UnicodeEncodeError):
+                replace_serialised_head(writer, "\r\n".join(lines).encode("latin-1"))
         if self._send_headers_immediately:
             writer.send_headers()
 
