@@ -119,10 +119,27 @@ def _authorize(request: web.Request) -> None:
         raise ProblemError("unauthorized", "send Authorization: Bearer <admin token>")
 
 
-def _store_key(request: web.Request) -> str:
-    """The key as the proxy stores it: ``scope`` values are raw credentials, hashed the same way."""
-    scope = request.query.getall("scope", [""])
-    return store_key(request.app[ADMIN].key_prefix, scope, request.match_info["key"])
+def _store_keys(request: web.Request) -> list[str]:
+    """The keys the proxy may have stored this key under, most likely first: ``scope`` values
+    are raw credentials, hashed the same way.
+
+    Without ``scope``, the empty-credential namespace: that of a request without its route's
+    scope header (one empty value) and that of a route with ``scope: []`` (no value at all).
+    """
+    prefix, key = request.app[ADMIN].key_prefix, request.match_info["key"]
+    scopes = request.query.getall("scope", [])
+    if scopes:
+        return [store_key(prefix, scopes, key)]
+    return [store_key(prefix, [""], key), store_key(prefix, [], key)]
+
+
+async def _find(store: Store, keys: list[str]) -> tuple[str, Record] | None:
+    """The first of ``keys`` that has a record, with its record."""
+    for key in keys:
+        record = await store.get(key)
+        if record is not None:
+            return key, record
+    return None
 
 
 def _describe(record: Record, key_hash: str, with_body: bool) -> dict[str, object]:
@@ -144,14 +161,14 @@ def _describe(record: Record, key_hash: str, with_body: bool) -> dict[str, objec
 async def get_key(request: web.Request) -> web.StreamResponse:
     try:
         _authorize(request)
-        key = _store_key(request)
-        record = await request.app[ADMIN].store.get(key)
-        if record is None:
+        found = await _find(request.app[ADMIN].store, _store_keys(request))
+        if found is None:
             raise ProblemError("key_not_found", "no record for this key and scope")
     except ProblemError as problem:
         return problem_answer(problem)
     except StoreUnavailable:
         return problem_answer(ProblemError("store_unavailable", "the store did not answer", 1))
+    key, record = found
     key_hash = key.removeprefix(request.app[ADMIN].key_prefix)
     with_body = request.query.get("body") == "1"
     return web.json_response(_describe(record, key_hash, with_body))
@@ -160,7 +177,9 @@ async def get_key(request: web.Request) -> web.StreamResponse:
 async def delete_key(request: web.Request) -> web.StreamResponse:
     try:
         _authorize(request)
-        if not await request.app[ADMIN].store.delete(_store_key(request)):
+        store = request.app[ADMIN].store
+        found = await _find(store, _store_keys(request))  # the record GET shows
+        if found is None or not await store.delete(found[0]):
             raise ProblemError("key_not_found", "no record for this key and scope")
     except ProblemError as problem:
         return problem_answer(problem)

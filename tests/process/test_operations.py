@@ -172,6 +172,34 @@ async def test_keys_api_inspects_and_purges_a_key(
     assert upstream.count() == 2
 
 
+async def test_keys_api_finds_and_purges_a_key_of_a_route_without_scope_headers(
+    make_proxy: ProxyFactory, store_url: str, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """``scope: []`` keeps every client's keys in one namespace: no scope value at all, which
+    is the empty scope as much as one empty value is. Found by hand: such keys answered 404
+    whatever ``scope`` was sent, so they could be neither inspected nor purged."""
+    policy = POLICY + "  - match: {methods: [POST], path: /shared}\n    scope: []\n"
+    proxy = await make_proxy(policy, store=store_url)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client = {"Idempotency-Key": "shared-1", "Authorization": "Bearer alice"}
+    async with http.post(proxy.url + "/shared", data=b"x", headers=client) as response:
+        assert response.status == 201
+
+    url = proxy.admin_url + "/keys/shared-1"
+    async with http.get(url, headers=auth) as response:
+        assert response.status == 200
+        assert (await response.json())["state"] == "completed"
+    async with http.get(url + "?scope=Bearer%20alice", headers=auth) as response:
+        assert response.status == 404  # not alice's: the route keeps no credential namespace
+    async with http.delete(url, headers=auth) as response:
+        assert response.status == 204
+    async with http.get(url, headers=auth) as response:
+        assert response.status == 404
+    async with http.post(proxy.url + "/shared", data=b"x", headers=client) as response:
+        assert "Idempotent-Replayed" not in response.headers  # purged: it runs again
+    assert upstream.count("/shared") == 2
+
+
 async def test_keys_api_is_disabled_without_a_token(
     make_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
