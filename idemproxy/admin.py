@@ -18,7 +18,7 @@ from aiohttp import web
 
 from idemproxy.answers import problem_answer
 from idemproxy.errors import ProblemError, StoreUnavailable
-from idemproxy.keys import store_key
+from idemproxy.keys import store_key, unquote_sf_string
 from idemproxy.observability import event
 from idemproxy.records import Record
 from idemproxy.redact import redact
@@ -125,12 +125,17 @@ def _store_keys(request: web.Request) -> list[str]:
 
     Without ``scope``, the empty-credential namespace: that of a request without its route's
     scope header (one empty value) and that of a route with ``scope: []`` (no value at all).
+    A key in the IETF form ``"abc"`` also names ``abc``, as in the ``Idempotency-Key`` header;
+    as given first, since a key from a body or a query parameter is taken as it is.
     """
-    prefix, key = request.app[ADMIN].key_prefix, request.match_info["key"]
-    scopes = request.query.getall("scope", [])
-    if scopes:
-        return [store_key(prefix, scopes, key)]
-    return [store_key(prefix, [""], key), store_key(prefix, [], key)]
+    prefix, raw = request.app[ADMIN].key_prefix, request.match_info["key"]
+    keys = [raw]
+    unquoted = unquote_sf_string(raw)
+    if unquoted and unquoted != raw:
+        keys.append(unquoted)
+    given = request.query.getall("scope", [])
+    scopes = [given] if given else [[""], []]
+    return [store_key(prefix, scope, key) for key in keys for scope in scopes]
 
 
 async def _find(store: Store, keys: list[str]) -> tuple[str, Record] | None:

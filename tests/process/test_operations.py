@@ -200,6 +200,31 @@ async def test_keys_api_finds_and_purges_a_key_of_a_route_without_scope_headers(
     assert upstream.count("/shared") == 2
 
 
+async def test_keys_api_takes_a_key_in_the_ietf_quoted_form_as_the_header_does(
+    admin: RunningProxy, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """``Idempotency-Key: "abc"`` and ``abc`` name the same key (SPEC 4), for the keys API too.
+    Found by hand: GET /keys/%22abc%22 answered 404 for the key a client sent as ``"abc"``."""
+    proxy = admin
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client = {"Idempotency-Key": '"order-78"'}
+    async with http.post(proxy.url + "/orders", data=b"tea", headers=client) as response:
+        assert response.status == 201
+    bare = proxy.admin_url + "/keys/order-78"
+    quoted = proxy.admin_url + "/keys/%22order-78%22"
+    async with http.get(bare, headers=auth) as response:
+        assert response.status == 200
+        key_hash = (await response.json())["key_hash"]
+    async with http.get(quoted, headers=auth) as response:
+        assert response.status == 200
+        assert (await response.json())["key_hash"] == key_hash
+    async with http.delete(quoted, headers=auth) as response:
+        assert response.status == 204
+    async with http.get(bare, headers=auth) as response:
+        assert response.status == 404
+    assert upstream.count("/orders") == 1
+
+
 async def test_keys_api_is_disabled_without_a_token(
     make_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
