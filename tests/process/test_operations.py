@@ -8,10 +8,12 @@ import io
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -28,6 +30,9 @@ from tests.conftest import (
     idemproxy_argv,
     run_cli,
 )
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 TOKEN = "admin-token-for-tests-0123456789"
 POLICY = f"""
@@ -423,3 +428,33 @@ def test_the_access_loggers_level_rules_the_direct_writer_too(
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["path"] for line in lines] == ["/seen"]
     assert lines[0]["logger"] == "idemproxy.access"
+
+
+class WriteRecorder(io.BytesIO):
+    """A byte stream that also keeps what each write() got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        self.writes.append(bytes(data))
+        return super().write(data)
+
+
+async def test_access_lines_reach_stderr_in_whole_line_writes_a_pipe_keeps_atomic() -> None:
+    """With --workers every process writes to one stderr, often a pipe, where only a write of
+    up to PIPE_BUF bytes is atomic. Found by hand: ``idemproxy run --workers 2`` under 6000
+    requests, its stderr pipe read slowly, wrote 194 lines that were two workers' lines
+    interleaved mid-line, as one write carried up to 256 lines."""
+    stream = WriteRecorder()
+    log = DirectAccessLog(stream)
+    for n in range(1000):  # in a running loop: batches of up to 256 lines
+        log.write(Trace("GET", f"/items/{n}", time.monotonic()), 200, 0.001)
+    log.flush()
+    assert len(stream.writes) > 1
+    for data in stream.writes:
+        assert len(data) <= select.PIPE_BUF
+        assert data.endswith(b"\n")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["path"] for line in lines] == [f"/items/{n}" for n in range(1000)]
