@@ -183,8 +183,11 @@ async def delete_key(request: web.Request) -> web.StreamResponse:
     try:
         _authorize(request)
         store = request.app[ADMIN].store
-        found = await _find(store, _store_keys(request))  # the record GET shows
-        if found is None or not await store.delete(found[0]):
+        keys = _store_keys(request)
+        if len(keys) > 1:  # the record GET shows
+            found = await _find(store, keys)
+            keys = [found[0]] if found is not None else []
+        if not keys or not await store.delete(keys[0]):
             raise ProblemError("key_not_found", "no record for this key and scope")
     except ProblemError as problem:
         return problem_answer(problem)
