@@ -18,7 +18,7 @@ from aiohttp import web
 
 from idemproxy.answers import problem_answer
 from idemproxy.errors import ProblemError, StoreUnavailable
-from idemproxy.keys import store_key
+from idemproxy.keys import store_key, unquote_sf_string
 from idemproxy.observability import event
 from idemproxy.records import Record
 from idemproxy.redact import redact
@@ -119,10 +119,32 @@ def _authorize(request: web.Request) -> None:
         raise ProblemError("unauthorized", "send Authorization: Bearer <admin token>")
 
 
-def _store_key(request: web.Request) -> str:
-    """The key as the proxy stores it: ``scope`` values are raw credentials, hashed the same way."""
-    scope = request.query.getall("scope", [""])
-    return store_key(request.app[ADMIN].key_prefix, scope, request.match_info["key"])
+def _store_keys(request: web.Request) -> list[str]:
+    """The keys the proxy may have stored this key under, most likely first: ``scope`` values
+    are raw credentials, hashed the same way.
+
+    Without ``scope``, the empty-credential namespace: that of a request without its route's
+    scope header (one empty value) and that of a route with ``scope: []`` (no value at all).
+    A key in the IETF form ``"abc"`` also names ``abc``, as in the ``Idempotency-Key`` header;
+    as given first, since a key from a body or a query parameter is taken as it is.
+    """
+    prefix, raw = request.app[ADMIN].key_prefix, request.match_info["key"]
+    keys = [raw]
+    unquoted = unquote_sf_string(raw)
+    if unquoted and unquoted != raw:
+        keys.append(unquoted)
+    given = request.query.getall("scope", [])
+    scopes = [given] if given else [[""], []]
+    return [store_key(prefix, scope, key) for key in keys for scope in scopes]
+
+
+async def _find(store: Store, keys: list[str]) -> tuple[str, Record] | None:
+    """The first of ``keys`` that has a record, with its record."""
+    for key in keys:
+        record = await store.get(key)
+        if record is not None:
+            return key, record
+    return None
 
 
 def _describe(record: Record, key_hash: str, with_body: bool) -> dict[str, object]:
@@ -144,14 +166,14 @@ def _describe(record: Record, key_hash: str, with_body: bool) -> dict[str, objec
 async def get_key(request: web.Request) -> web.StreamResponse:
     try:
         _authorize(request)
-        key = _store_key(request)
-        record = await request.app[ADMIN].store.get(key)
-        if record is None:
+        found = await _find(request.app[ADMIN].store, _store_keys(request))
+        if found is None:
             raise ProblemError("key_not_found", "no record for this key and scope")
     except ProblemError as problem:
         return problem_answer(problem)
     except StoreUnavailable:
         return problem_answer(ProblemError("store_unavailable", "the store did not answer", 1))
+    key, record = found
     key_hash = key.removeprefix(request.app[ADMIN].key_prefix)
     with_body = request.query.get("body") == "1"
     return web.json_response(_describe(record, key_hash, with_body))
@@ -160,7 +182,12 @@ async def get_key(request: web.Request) -> web.StreamResponse:
 async def delete_key(request: web.Request) -> web.StreamResponse:
     try:
         _authorize(request)
-        if not await request.app[ADMIN].store.delete(_store_key(request)):
+        store = request.app[ADMIN].store
+        keys = _store_keys(request)
+        if len(keys) > 1:  # the record GET shows
+            found = await _find(store, keys)
+            keys = [found[0]] if found is not None else []
+        if not keys or not await store.delete(keys[0]):
             raise ProblemError("key_not_found", "no record for this key and scope")
     except ProblemError as problem:
         return problem_answer(problem)

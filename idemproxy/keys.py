@@ -51,7 +51,7 @@ def extract_key(
             )
         # Only the HTTP whitespace around a field value; any other character counts.
         where = f"the {policy.header} header"
-        return _validate(_unquote_sf_string(lines[0].strip(" \t")), where)
+        return _validate(unquote_sf_string(lines[0].strip(" \t")), where)
     if policy.source == "query":
         values = query_values(policy.query_name)
         if not values:
@@ -66,7 +66,7 @@ def extract_key(
     return _key_from_body(policy.pointer, body)
 
 
-def _unquote_sf_string(raw: str) -> str | None:
+def unquote_sf_string(raw: str) -> str | None:
     """RFC 8941 sf-string ``"abc"`` -> ``abc``; a bare token stays as it is; None if malformed."""
     if not raw.startswith('"'):
         return raw

@@ -356,10 +356,15 @@ class MemoryStore:
         value = self._live(key)
         if value is None or not _token_is(value, token):
             return False
-        state = _COMPLETED if response is not None else _UNREPLAYABLE
+        encoded = encode_response(response) if response is not None else b""
+        if self._size(key, value) + len(encoded) > self.max_bytes:
+            # It could never fit, not even alone: evicting every other record would not make
+            # room, and retrying would hold the lease until it expires and the request runs
+            # again. Kept like an answer over max_stored_response: 409 to every retry.
+            encoded = b""
+        state = _COMPLETED if encoded else _UNREPLAYABLE
         if value[0] != _IN_FLIGHT:
             return value[0] == state  # a retried completion
-        encoded = encode_response(response) if response is not None else b""
         if encoded:
             self._make_room(0, len(encoded))  # never evicts this entry: it is a lease
         deadline = time.monotonic() + ttl

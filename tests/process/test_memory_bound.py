@@ -7,6 +7,7 @@ The last test measures that on a real ``idemproxy run`` process (its RSS from /p
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,9 @@ import pytest
 
 from idemproxy.config import ConfigError, load_text
 from idemproxy.errors import StoreUnavailable
-from idemproxy.records import StoredResponse
+from idemproxy.records import StoredResponse, encode_response
 from idemproxy.store.memory import MemoryStore
-from tests.conftest import HOST, Upstream, free_port, idemproxy_argv
+from tests.conftest import HOST, ProxyFactory, Upstream, free_port, idemproxy_argv
 
 MiB = 1024 * 1024
 
@@ -56,12 +57,38 @@ async def test_the_byte_count_follows_every_way_an_entry_goes() -> None:
 
 async def test_leases_are_never_evicted_for_bytes() -> None:
     store = MemoryStore(max_bytes=MiB)
-    assert await store.acquire("lease", "fp", "t", 60.0) is None
     assert await store.acquire("big", "fp", "t", 60.0) is None
+    room = store.max_bytes - store.bytes  # what big's answer may take when big is alone
+    size = next(n for n in range(room, 0, -1) if len(encode_response(response(n))) <= room)
+    assert await store.acquire("lease", "fp", "t", 60.0) is None
     with pytest.raises(StoreUnavailable):  # nothing completed to evict: retried like an outage
-        await store.complete("big", "t", response(MiB), 60.0)
+        await store.complete("big", "t", response(size), 60.0)
     assert (await store.get("lease")) is not None
     assert store.bytes < MiB
+
+
+async def test_an_answer_larger_than_the_bound_runs_once_and_evicts_nothing(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """An answer within max_stored_response (1MiB by default) that the memory store could never
+    hold is kept like one over max_stored_response. Found by hand with ``idemproxy run``: it
+    evicted every completed record, the completion failed, and once lock_ttl had passed a retry
+    ran the request again."""
+    proxy = await make_proxy("limits: {memory_store_max_bytes: 1MiB}\n")
+
+    async def post(key: str, size: int) -> tuple[int, bytes, str | None]:
+        headers = {"Idempotency-Key": key, "X-Test-Size": str(size)}
+        async with http.post(proxy.url + "/orders", data=b"x", headers=headers) as answer:
+            return answer.status, await answer.read(), answer.headers.get("Idempotent-Replayed")
+
+    assert (await post("small", 100))[0] == 201
+    status, body, _ = await post("big", MiB)
+    assert (status, len(body)) == (201, MiB)
+    status, body, _ = await post("big", MiB)
+    assert status == 409
+    assert json.loads(body)["code"] == "response_not_replayable"
+    assert upstream.count("/orders") == 2
+    assert (await post("small", 100))[2] == "true"  # nothing was evicted for it
 
 
 def test_memory_store_max_bytes_is_read_and_checked() -> None:

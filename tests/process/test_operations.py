@@ -8,10 +8,12 @@ import io
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -28,6 +30,9 @@ from tests.conftest import (
     idemproxy_argv,
     run_cli,
 )
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 TOKEN = "admin-token-for-tests-0123456789"
 POLICY = f"""
@@ -170,6 +175,59 @@ async def test_keys_api_inspects_and_purges_a_key(
     async with http.post(proxy.url + "/orders", data=b"tea", headers=client) as response:
         assert "Idempotent-Replayed" not in response.headers
     assert upstream.count() == 2
+
+
+async def test_keys_api_finds_and_purges_a_key_of_a_route_without_scope_headers(
+    make_proxy: ProxyFactory, store_url: str, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """``scope: []`` keeps every client's keys in one namespace: no scope value at all, which
+    is the empty scope as much as one empty value is. Found by hand: such keys answered 404
+    whatever ``scope`` was sent, so they could be neither inspected nor purged."""
+    policy = POLICY + "  - match: {methods: [POST], path: /shared}\n    scope: []\n"
+    proxy = await make_proxy(policy, store=store_url)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client = {"Idempotency-Key": "shared-1", "Authorization": "Bearer alice"}
+    async with http.post(proxy.url + "/shared", data=b"x", headers=client) as response:
+        assert response.status == 201
+
+    url = proxy.admin_url + "/keys/shared-1"
+    async with http.get(url, headers=auth) as response:
+        assert response.status == 200
+        assert (await response.json())["state"] == "completed"
+    async with http.get(url + "?scope=Bearer%20alice", headers=auth) as response:
+        assert response.status == 404  # not alice's: the route keeps no credential namespace
+    async with http.delete(url, headers=auth) as response:
+        assert response.status == 204
+    async with http.get(url, headers=auth) as response:
+        assert response.status == 404
+    async with http.post(proxy.url + "/shared", data=b"x", headers=client) as response:
+        assert "Idempotent-Replayed" not in response.headers  # purged: it runs again
+    assert upstream.count("/shared") == 2
+
+
+async def test_keys_api_takes_a_key_in_the_ietf_quoted_form_as_the_header_does(
+    admin: RunningProxy, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """``Idempotency-Key: "abc"`` and ``abc`` name the same key (SPEC 4), for the keys API too.
+    Found by hand: GET /keys/%22abc%22 answered 404 for the key a client sent as ``"abc"``."""
+    proxy = admin
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client = {"Idempotency-Key": '"order-78"'}
+    async with http.post(proxy.url + "/orders", data=b"tea", headers=client) as response:
+        assert response.status == 201
+    bare = proxy.admin_url + "/keys/order-78"
+    quoted = proxy.admin_url + "/keys/%22order-78%22"
+    async with http.get(bare, headers=auth) as response:
+        assert response.status == 200
+        key_hash = (await response.json())["key_hash"]
+    async with http.get(quoted, headers=auth) as response:
+        assert response.status == 200
+        assert (await response.json())["key_hash"] == key_hash
+    async with http.delete(quoted, headers=auth) as response:
+        assert response.status == 204
+    async with http.get(bare, headers=auth) as response:
+        assert response.status == 404
+    assert upstream.count("/orders") == 1
 
 
 async def test_keys_api_is_disabled_without_a_token(
@@ -370,3 +428,33 @@ def test_the_access_loggers_level_rules_the_direct_writer_too(
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["path"] for line in lines] == ["/seen"]
     assert lines[0]["logger"] == "idemproxy.access"
+
+
+class WriteRecorder(io.BytesIO):
+    """A byte stream that also keeps what each write() got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        self.writes.append(bytes(data))
+        return super().write(data)
+
+
+async def test_access_lines_reach_stderr_in_whole_line_writes_a_pipe_keeps_atomic() -> None:
+    """With --workers every process writes to one stderr, often a pipe, where only a write of
+    up to PIPE_BUF bytes is atomic. Found by hand: ``idemproxy run --workers 2`` under 6000
+    requests, its stderr pipe read slowly, wrote 194 lines that were two workers' lines
+    interleaved mid-line, as one write carried up to 256 lines."""
+    stream = WriteRecorder()
+    log = DirectAccessLog(stream)
+    for n in range(1000):  # in a running loop: batches of up to 256 lines
+        log.write(Trace("GET", f"/items/{n}", time.monotonic()), 200, 0.001)
+    log.flush()
+    assert len(stream.writes) > 1
+    for data in stream.writes:
+        assert len(data) <= select.PIPE_BUF
+        assert data.endswith(b"\n")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["path"] for line in lines] == [f"/items/{n}" for n in range(1000)]

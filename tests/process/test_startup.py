@@ -94,6 +94,22 @@ async def test_a_wrong_redis_password_is_a_warning_at_start_and_readyz_503(
     assert PASSWORD not in proc.stderr
 
 
+async def test_a_password_in_the_store_urls_query_is_not_logged(
+    redis_with_password: RedisProcess, started: list[CliProcess]
+) -> None:
+    """redis-py takes ``?password=`` as well as the userinfo. Found by hand: the start line and
+    the store warning logged such a URL whole, the password in clear."""
+    base = f"redis://{HOST}:{redis_with_password.port}/0"
+    proc = await CliProcess(*run_args(f"{base}?password={WRONG}", free_port())).start()
+    started.append(proc)
+    await proc.wait_for(lambda: started_line(proc), "the started line")
+    (warning,) = proc.messages(STORE_DOWN)
+    (start,) = [e for e in proc.events() if is_start(e)]
+    assert warning["store"] == start["store"] == f"{base}?password=***"
+    await proc.stop()
+    assert WRONG not in proc.stderr
+
+
 async def test_an_unreachable_redis_is_a_warning_at_start_and_readyz_follows_it_up(
     http: aiohttp.ClientSession, started: list[CliProcess], tmp_path: Path
 ) -> None:

@@ -68,6 +68,10 @@ def completed(store: MemoryStore, key: str, ttl: float, fp: str = FP, holder: st
     assert run(store.complete(key, holder, RESPONSE, ttl))
 
 
+def body(size: int) -> StoredResponse:
+    return StoredResponse(200, [], b"x" * size)
+
+
 # --- the layout -------------------------------------------------------------------------------
 
 
@@ -207,7 +211,10 @@ def test_a_completion_that_does_not_fit_among_leases_is_refused_and_can_be_retri
 ) -> None:
     store = MemoryStore(max_bytes=400)
     assert run(store.acquire("a", FP, "t", 30.0)) is None
-    big = StoredResponse(200, [], b"x" * 500)
+    room = store.max_bytes - store.bytes  # what a's answer may take when a is alone
+    size = next(n for n in range(room, 0, -1) if len(encode_response(body(n))) <= room)
+    big = body(size)
+    assert run(store.acquire("other", FP, "t", 30.0)) is None  # a lease beside it: no room
     with pytest.raises(StoreUnavailable):
         run(store.complete("a", "t", big, 60.0))
     assert run(store.complete("a", "t", None, 60.0))  # unreplayable: no response bytes
@@ -216,6 +223,24 @@ def test_a_completion_that_does_not_fit_among_leases_is_refused_and_can_be_retri
     record = run(store.get("a"))
     assert record is not None
     assert record.state == UNREPLAYABLE
+
+
+def test_an_answer_that_could_never_fit_is_kept_unreplayable_and_evicts_nothing(
+    clock: Clock,
+) -> None:
+    """Found by hand: it evicted every completed record, then was refused, so the lease stayed
+    until it expired and a retry ran the request again (with memory_store_max_bytes 1MiB and
+    an answer of max_stored_response's default 1MiB)."""
+    store = MemoryStore(max_bytes=400)
+    completed(store, "kept", 60.0)
+    assert run(store.acquire("a", FP, "t", 30.0)) is None
+    assert run(store.complete("a", "t", body(500), 60.0))
+    record = run(store.get("a"))
+    assert record is not None
+    assert record.state == UNREPLAYABLE
+    assert run(store.get("kept")) is not None
+    assert run(store.complete("a", "t", body(500), 60.0))  # retried: still true
+    assert store.bytes <= store.max_bytes
 
 
 def test_eviction_at_the_bound_keeps_up(clock: Clock) -> None:
