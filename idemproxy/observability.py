@@ -340,15 +340,17 @@ class DirectAccessLog:
     """The access line of a running proxy, written without the ``logging`` module.
 
     The same JSON object ``JsonFormatter`` makes, encoded once; lines are written to stderr
-    together (in whole-line writes of at most PIPE_BUF bytes, see ``_whole_lines``), at most
+    together (under ``--workers``, whose processes share stderr: in whole-line writes of at
+    most PIPE_BUF bytes, see ``_whole_lines``), at most
     ``_FLUSH_INTERVAL`` after the first of them or once ``_FLUSH_LINES`` are waiting, and at
     shutdown. A record, a handler lock, a formatter and a flush per line cost
     ~50 µs a request (bench/profile-new-keys.txt of 2026-11-29 05:35). Without
     ``setup_logging`` (tests, embedding), access lines stay records on ``idemproxy.access``.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, piece_limit: int | None = None) -> None:
         self._stream = stream
+        self._piece_limit = piece_limit  # None: one write for all waiting lines
         self._lines: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
@@ -381,9 +383,14 @@ class DirectAccessLog:
             self._timer.cancel()
             self._timer = None
         if self._lines:
-            for piece in _whole_lines(self._lines, select.PIPE_BUF):
-                self._stream.write(piece)
+            if self._piece_limit is None:
+                self._lines.append(b"")
+                self._stream.write(b"\n".join(self._lines))
                 self._stream.flush()
+            else:
+                for piece in _whole_lines(self._lines, self._piece_limit):
+                    self._stream.write(piece)
+                    self._stream.flush()
             self._lines.clear()
 
 
@@ -412,8 +419,9 @@ _FLUSH_LINES = 256
 _direct_access_log: DirectAccessLog | None = None
 
 
-def setup_logging(log_format: LogFormat) -> None:
-    """Log to stderr in ``log_format``; JSON access lines take the direct path."""
+def setup_logging(log_format: LogFormat, shared_stderr: bool = False) -> None:
+    """Log to stderr in ``log_format``; JSON access lines take the direct path.
+    ``shared_stderr``: other processes write there too (``--workers``)."""
     global _direct_access_log
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
@@ -424,7 +432,11 @@ def setup_logging(log_format: LogFormat) -> None:
     # aiohttp logs a malformed request with its raw header line, which may hold a credential;
     # the proxy logs its own errors (without request data) instead.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    _direct_access_log = DirectAccessLog(sys.stderr.buffer) if log_format == "json" else None
+    _direct_access_log = (
+        DirectAccessLog(sys.stderr.buffer, select.PIPE_BUF if shared_stderr else None)
+        if log_format == "json"
+        else None
+    )
 
 
 def flush_access_log() -> None:

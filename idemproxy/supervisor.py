@@ -64,7 +64,7 @@ _SHM = "/dev/shm"  # noqa: S108 - a fresh private directory is made inside it
 def _worker_main(
     config: Config, path: str | None, flags: Overrides, log_format: LogFormat, channel: Connection
 ) -> None:
-    setup_logging(log_format)
+    setup_logging(log_format, shared_stderr=True)  # whole-line writes: no interleaved lines
     raise SystemExit(last_resort(lambda: run_loop(serve(config, path, flags, channel))))
 
 

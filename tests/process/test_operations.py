@@ -448,7 +448,7 @@ async def test_access_lines_reach_stderr_in_whole_line_writes_a_pipe_keeps_atomi
     requests, its stderr pipe read slowly, wrote 194 lines that were two workers' lines
     interleaved mid-line, as one write carried up to 256 lines."""
     stream = WriteRecorder()
-    log = DirectAccessLog(stream)
+    log = DirectAccessLog(stream, select.PIPE_BUF)  # as a worker's (supervisor._worker_main)
     for n in range(1000):  # in a running loop: batches of up to 256 lines
         log.write(Trace("GET", f"/items/{n}", time.monotonic()), 200, 0.001)
     log.flush()
@@ -458,3 +458,11 @@ async def test_access_lines_reach_stderr_in_whole_line_writes_a_pipe_keeps_atomi
         assert data.endswith(b"\n")
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["path"] for line in lines] == [f"/items/{n}" for n in range(1000)]
+    # One process alone on its stderr: all waiting lines in one write (a syscall a batch).
+    alone = WriteRecorder()
+    single = DirectAccessLog(alone)
+    for n in range(10):
+        single.write(Trace("GET", f"/items/{n}", time.monotonic()), 200, 0.001)
+    single.flush()
+    assert len(alone.writes) == 1
+    assert len(alone.getvalue().splitlines()) == 10
