@@ -15,6 +15,7 @@ and ``Content-Length`` is refused (a sign of response splitting), as aiohttp's p
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -51,6 +52,14 @@ _END: Final = End()
 
 def _broken(reason: str) -> UpstreamFailure:
     return UpstreamFailure("broken", reason)
+
+
+_CONTROL_BYTE: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def has_control_byte(data: bytes) -> bool:
+    """Whether ``data`` holds a byte no field value may (RFC 9110 5.5; CR and LF included)."""
+    return _CONTROL_BYTE.search(data) is not None or b"\r" in data or b"\n" in data
 
 
 class ResponseParser:
@@ -166,6 +175,11 @@ class ResponseParser:
             self.unexpected_bytes = True
 
     def _read_head(self, head: bytes, events: list[Event]) -> None:
+        # RFC 9110 5.5: no control byte but HTAB in a field (CR and LF are checked per line). One
+        # with it could not be written to the client: a keyed answer was stored, then every
+        # answer and replay of it ended in a closed connection (found by the section 6 audit).
+        if _CONTROL_BYTE.search(head):
+            raise _broken("a control byte in the response head")
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or not _is_status(parts[1]):

@@ -39,6 +39,7 @@ from idemproxy.http1 import (
     RawHeaders,
     serialise_request,
 )
+from idemproxy.response_parser import has_control_byte
 from idemproxy.settings import UpstreamConfig
 
 HOP_BY_HOP = frozenset(
@@ -199,6 +200,21 @@ async def _keep_upgrade_refusal(
         return
     headers = end_to_end(response.raw_headers)
     refusals.append(Exchange(response.status, response.reason or "", headers, bytes(body), None))
+
+
+def _unrelayable(response: aiohttp.ClientResponse) -> str | None:
+    """Why an answer aiohttp's client took is refused as the lean client's parser refuses it
+    (``response_parser``), or None: every path frames an answer the same way (SPEC 5)."""
+    if _head_size(response) > MAX_HEAD:  # aiohttp bounds each field, not the whole head
+        return "the response head is too large"
+    if not _only_chunked(response.headers.getall(hdrs.TRANSFER_ENCODING, ())):
+        return "a transfer coding other than chunked"
+    reason = (response.reason or "").encode("utf-8", "surrogateescape")
+    if has_control_byte(reason) or any(
+        has_control_byte(name) or has_control_byte(value) for name, value in response.raw_headers
+    ):  # aiohttp's client takes them; its server would refuse to write them (a 500)
+        return "a control byte in the response head"
+    return None
 
 
 def _head_size(response: aiohttp.ClientResponse) -> int:
@@ -378,12 +394,10 @@ class Upstream:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _client_failure(exc) from exc
-        if _head_size(upstream) > MAX_HEAD:  # aiohttp bounds each field, not the whole head
+        refusal = _unrelayable(upstream)
+        if refusal is not None:
             upstream.close()
-            raise UpstreamFailure("broken", "the response head is too large")
-        if not _only_chunked(upstream.headers.getall(hdrs.TRANSFER_ENCODING, ())):
-            upstream.close()  # as response_parser refuses it on the lean client's path
-            raise UpstreamFailure("broken", "a transfer coding other than chunked")
+            raise UpstreamFailure("broken", refusal)
         return Exchange(
             upstream.status,
             # aiohttp's client decodes the reason as UTF-8 (surrogateescape): back to its bytes,

@@ -409,6 +409,8 @@ ANSWERS: dict[str, bytes] = {
         [b"Set-Cookie: name=Jos\xc3\xa9", b"X-Legacy: caf\xe9 \xff"], b"ok", b"201 Cr\xe9\xe9"
     ),
     "length-twice": _answer([b"Content-Length: 2"]),
+    # stored on a keyed route, then every answer and replay was a closed connection
+    "control-byte": _answer([b"X-Bad: a\x01b"]),
     # gzip still applied after the chunks are undone: relayed, the client got gzip bytes as its
     # body with nothing saying so (noted by the section 5 audit)
     "gzip-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
@@ -508,7 +510,7 @@ async def test_large_upstream_heads_are_relayed_on_every_path(
 
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize(
-    "name", ["257-fields", "head-over-64k", "length-and-chunked", "gzip-chunked"]
+    "name", ["257-fields", "head-over-64k", "length-and-chunked", "gzip-chunked", "control-byte"]
 )
 async def test_an_answer_no_path_can_frame_is_a_502_on_every_path_and_says_why(
     raw_proxy: RunningProxy,
