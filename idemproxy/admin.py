@@ -32,6 +32,10 @@ def _one_process() -> tuple[int, int]:
     return 1, 1
 
 
+def _not_stopping() -> bool:
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class AdminContext:
     store: Store
@@ -40,6 +44,9 @@ class AdminContext:
     token: str
     # (serving, expected) worker processes; the supervisor of --workers N counts its workers.
     workers: Callable[[], tuple[int, int]] = _one_process
+    # True from SIGTERM / SIGINT on: /readyz says 503 so that load balancers stop sending
+    # while the in-flight requests drain (the listener no longer accepts).
+    stopping: Callable[[], bool] = _not_stopping
 
 
 ADMIN = web.AppKey("admin", AdminContext)
@@ -90,7 +97,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready only while every worker serves and the store answers (and has
-    ``store.wait_replicas`` replicas), so traffic follows the store both ways."""
+    ``store.wait_replicas`` replicas), so traffic follows the store both ways; not once the
+    process is stopping."""
+    if request.app[ADMIN].stopping():
+        return web.json_response({"status": "stopping"}, status=503)
     missing = _missing_workers(request)
     if missing is not None:
         return missing

@@ -89,8 +89,13 @@ class ProxyServer:
             keepalive_timeout=limits.idle_timeout,
         )
         self._proxy = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
+        self.stopping = False
         admin = AdminContext(
-            self.store, self.metrics.exposition, config.store.key_prefix, config.admin_token
+            self.store,
+            self.metrics.exposition,
+            config.store.key_prefix,
+            config.admin_token,
+            stopping=lambda: self.stopping,
         )
         self._admin = web.AppRunner(create_admin_app(admin), access_log=None)
         self._publishing: asyncio.TimerHandle | None = None
@@ -151,7 +156,8 @@ class ProxyServer:
         A request cancelled at the deadline settles its lease on the way out (see
         ``KeyedProxy._forward_holding_lease``), so no lease is left behind by a clean stop.
         """
-        stopping = time.monotonic()
+        self.stopping = True
+        stop_began = time.monotonic()
         # aiohttp's own shutdown waits shutdown_timeout for a handler, then fails only its
         # request body and waits as long again before it cancels: the deadline is kept here.
         deadline = asyncio.get_running_loop().call_later(
@@ -169,7 +175,7 @@ class ProxyServer:
             await self._admin.cleanup()
         await self.upstream.close()
         await self.store.close()
-        left = self.config.shutdown_timeout - (time.monotonic() - stopping)
+        left = self.config.shutdown_timeout - (time.monotonic() - stop_began)
         await self.tracer.shutdown(min(_LAST_EXPORT, max(left, 0.0)))
 
 

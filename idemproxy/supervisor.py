@@ -247,6 +247,7 @@ class Supervisor:
             self.config.store.key_prefix,
             self.config.admin_token,
             self.serving,
+            self._stop.is_set,
         )
         runner = web.AppRunner(create_admin_app(admin), access_log=None)
         await runner.setup()

@@ -715,6 +715,42 @@ async def test_workers_sigterm_with_a_request_held_past_the_deadline_exits_0(
     assert code == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_readyz_says_stopping_while_sigterm_drains(
+    tmp_path: Path,
+    redis_server: RedisProcess,
+    recorder: RecordingUpstream,
+    proxies: list[ProxyProcess],
+    prefix: str,
+    workers: int,
+) -> None:
+    """From SIGTERM on the listener takes no new connections while in-flight requests drain;
+    /readyz said 200 all that time (found by the section 6 audit), so a load balancer kept
+    sending to a proxy that refused. Now 503 "stopping", and the held request still ends."""
+    policy = write_policy(tmp_path / "policy.yaml", prefix, "", top="shutdown_timeout: 30s\n")
+    proxy = ProxyProcess(policy, redis_server.url, workers=workers, upstream=recorder.url)
+    proxies.append(proxy)
+    recorder.hold = asyncio.Event()
+    async with aiohttp.ClientSession() as http:
+        await proxy.ready(http)
+        in_flight = asyncio.create_task(post(http, proxy.url, "held-while-stopping"))
+        await asyncio.wait_for(recorder.arrived.wait(), BOUND)
+        proxy.process.send_signal(signal.SIGTERM)
+        readiness: tuple[int, Any] = (0, None)
+        for _ in range(int(BOUND / 0.05)):
+            async with http.get(proxy.admin_url + "/readyz") as response:
+                readiness = (response.status, await response.json())
+            if readiness[0] == 503:
+                break
+            await asyncio.sleep(0.05)
+        assert readiness == (503, {"status": "stopping"})
+        recorder.hold.set()
+        answer = await asyncio.wait_for(in_flight, BOUND)
+        code = await asyncio.to_thread(proxy.process.wait, BOUND)
+    assert answer.status == 201
+    assert code == 0
+
+
 # --- fail_open counts as store_error ------------------------------------------------------------
 
 
