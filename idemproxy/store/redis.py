@@ -588,7 +588,8 @@ class RedisStore:
         connected = self._replicas_seen[1]
         if connected < self._replicas:
             raise NotReplicated(
-                f"{connected} replica(s) connected; wait_replicas needs {self._replicas}"
+                f"{connected} replica(s) connected and acknowledging; wait_replicas needs "
+                f"{self._replicas}"
             )
         return None
 

@@ -69,15 +69,33 @@ class Script:
         object.__setattr__(self, "sha", digest)
 
 
+# A replica acknowledges its offset every second (REPLCONF ACK); INFO's ``lag`` is the seconds
+# since its last one. One silent for longer is linked but takes no writes: a frozen process,
+# a partition the master has not noticed yet. It acknowledges no WAIT, so it does not count.
+REPLICA_LAG_LIMIT = 2
+
+
 def connected_replicas(info: bytes | str | dict[str, Any]) -> int:
-    """``connected_slaves`` from an INFO replication answer (text, or redis-py's dict)."""
+    """The replicas in an INFO replication answer (text, or redis-py's dict) that are online
+    and acknowledged within ``REPLICA_LAG_LIMIT`` seconds."""
     if isinstance(info, dict):
-        return int(info.get("connected_slaves", 0))
-    text = info.decode() if isinstance(info, bytes) else info
-    for line in text.splitlines():
-        if line.startswith("connected_slaves:"):
-            return int(line.split(":", 1)[1])
-    return 0
+        replicas = [
+            value for name, value in info.items() if name.startswith("slave") and name[5:].isdigit()
+        ]
+    else:
+        text = info.decode() if isinstance(info, bytes) else info
+        replicas = [
+            dict(field.split("=", 1) for field in line.split(":", 1)[1].split(",") if "=" in field)
+            for line in text.splitlines()
+            if line.startswith("slave") and line[5:].split(":", 1)[0].isdigit()
+        ]
+    return sum(
+        1
+        for replica in replicas
+        if isinstance(replica, dict)
+        and replica.get("state") == "online"
+        and int(replica.get("lag", REPLICA_LAG_LIMIT + 1)) <= REPLICA_LAG_LIMIT
+    )
 
 
 def fast_path_supports(url: str) -> bool:

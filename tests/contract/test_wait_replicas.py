@@ -168,6 +168,35 @@ async def test_more_replicas_than_connected_fail_every_lease_and_readiness(
         await one.close()
 
 
+async def test_a_frozen_replica_stops_counting_for_readiness_and_counts_again_once_thawed(
+    store: RedisStore, replicated: Replicated
+) -> None:
+    """A replica that is linked but acknowledges nothing (SIGSTOP: a hung process, a partition
+    the master has not noticed) fails every lease with wait_replicas, yet /readyz said 200 as
+    long as INFO listed it (found by the section 7 audit). Its lag counts now."""
+    await store.ready()
+    replicated.freeze()
+    try:
+        await _until_ready_is(store, False)
+    finally:
+        replicated.thaw()
+    await _until_ready_is(store, True)
+
+
+async def _until_ready_is(store: RedisStore, ready: bool) -> None:
+    """Poll ``store.ready()`` until it passes (``ready``) or raises NotReplicated; bounded."""
+    for _ in range(200):  # 10 s: the lag limit (2 s) and the replicas cache (1 s) with margin
+        try:
+            await store.ready()
+            if ready:
+                return
+        except NotReplicated:
+            if not ready:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"store.ready() did not become {'ready' if ready else 'NotReplicated'}")
+
+
 # --- through the proxy -----------------------------------------------------------------------
 
 POLICY = "store:\n  wait_replicas: 1\n  wait_timeout: 100ms\n"
