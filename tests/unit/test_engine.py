@@ -309,7 +309,14 @@ def test_after_failure(
 
 # The admin listener's answers are not proxied requests; internal_error's request was counted
 # by the handler that failed.
-UNCOUNTED = ("unauthorized", "key_not_found", "keys_api_disabled", "internal_error")
+UNCOUNTED = (
+    "unauthorized",
+    "key_not_found",
+    "keys_api_disabled",
+    "not_found",
+    "method_not_allowed",
+    "internal_error",
+)
 
 
 @pytest.mark.parametrize("code", [c for c in PROBLEMS if c not in UNCOUNTED])
