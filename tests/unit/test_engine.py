@@ -219,6 +219,8 @@ def test_checks_etag(route: RoutePolicy, method: str, if_match: str | None, expe
         ('"v0"', 200, '"v1"', "precondition_failed"),
         ('"v1"', 404, None, "precondition_failed"),  # no current resource matches no ETag
         ('"v1"', 200, None, "precondition_failed"),
+        ("*", 200, None, None),  # the resource exists, without an ETag
+        ("*", 404, None, "precondition_failed"),
         ('"v1"', 503, '"v1"', "upstream_unavailable"),
     ],
 )
