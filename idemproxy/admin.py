@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from idemproxy.answers import problem_answer
 from idemproxy.errors import ProblemError, StoreUnavailable
@@ -206,8 +207,24 @@ async def delete_key(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
+@web.middleware
+async def problems_for_unrouted(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A path or method the admin listener does not serve is a problem+json answer too, like
+    every other answer idemproxy makes itself (aiohttp's own are text/plain)."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as refused:
+        answer = problem_answer(
+            ProblemError("method_not_allowed", "this path does not serve that method (see Allow)")
+        )
+        answer.headers["Allow"] = ",".join(sorted(refused.allowed_methods))
+        return answer
+    except web.HTTPNotFound:
+        return problem_answer(ProblemError("not_found", "the admin listener has no such path"))
+
+
 def create_admin_app(context: AdminContext) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[problems_for_unrouted])
     app[ADMIN] = context
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

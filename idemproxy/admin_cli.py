@@ -54,21 +54,31 @@ def keys_command(
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - checked
             body = response.read()
     except urllib.error.HTTPError as exc:
-        detail = _detail(exc.read())
+        code, detail = _problem(exc.read())
         print(f"idemproxy keys: {exc.code}: {detail}", file=sys.stderr)
-        return 1 if exc.code == 404 else 2
+        # 1 only for the admin API's own "no such key": any other 404 (the keys API off, a
+        # wrong --admin reaching some other server) says nothing about the key.
+        return 1 if (exc.code, code) == (404, "key_not_found") else 2
     except (urllib.error.URLError, OSError) as exc:
         print(f"idemproxy keys: cannot reach {admin}: {exc}", file=sys.stderr)
         return 2
     if action == "get":
-        print(json.dumps(json.loads(body), indent=2))
+        try:
+            described = json.loads(body)
+        except ValueError:  # some other server: the exit code says "anything else", no traceback
+            print(f"idemproxy keys: {admin} answered, but not as the admin API", file=sys.stderr)
+            return 2
+        print(json.dumps(described, indent=2))
     else:
         print("deleted")
     return 0
 
 
-def _detail(body: bytes) -> str:
+def _problem(body: bytes) -> tuple[str, str]:
+    """The ``code`` and ``detail`` of a problem+json answer; for anything else, no code and
+    the start of the body."""
     try:
-        return str(json.loads(body).get("detail", ""))
+        problem = json.loads(body)
+        return str(problem.get("code", "")), str(problem.get("detail", ""))
     except (ValueError, AttributeError):
-        return body.decode("utf-8", "replace")[:200]
+        return "", body.decode("utf-8", "replace")[:200]

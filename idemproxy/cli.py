@@ -35,11 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="admin address (127.0.0.1:9901); http://HOST:PORT is accepted too",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", parents=[proxy], help="run the proxy")
-    run.add_argument(
+    proxy.add_argument(
         "--log-format", choices=("json", "text"), default="json", help="log lines (json)"
     )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", parents=[proxy], help="run the proxy")
     commands.add_parser(
         "check",
         parents=[proxy],

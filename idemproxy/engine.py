@@ -90,7 +90,7 @@ def on_current_etag(if_match: str, status: int, etag: str | None) -> Refuse | No
     """The GET for the current ETag answered ``status``: go on (None), or refuse the write."""
     if status >= 500:
         return Refuse("upstream_unavailable", f"the GET for the ETag answered {status}")
-    if not if_match_allows(if_match, etag if 200 <= status <= 299 else None):
+    if not if_match_allows(if_match, 200 <= status <= 299, etag):
         return Refuse("precondition_failed", "If-Match does not match the resource's current ETag")
     return None
 

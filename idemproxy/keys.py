@@ -164,13 +164,14 @@ def derived_key(request_fingerprint: str) -> str:
     return "\x00fingerprint:" + request_fingerprint
 
 
-def if_match_allows(if_match: str, current_etag: str | None) -> bool:
-    """RFC 9110 If-Match with strong comparison; ``current_etag`` None: no current resource."""
-    if current_etag is None:
+def if_match_allows(if_match: str, exists: bool, current_etag: str | None) -> bool:
+    """RFC 9110 13.1.1 If-Match with strong comparison. ``*`` matches any current resource,
+    with an ETag or without one; a listed tag needs the resource's ``current_etag``."""
+    if not exists:
         return False
     if if_match.strip() == "*":
         return True
-    if current_etag.startswith("W/"):
+    if current_etag is None or current_etag.startswith("W/"):
         return False  # a weak ETag never matches strongly
     return any(tag.strip() == current_etag for tag in if_match.split(","))
 

@@ -66,4 +66,6 @@ PROBLEMS: dict[str, ProblemType] = {
     "unauthorized": ProblemType(401, "Admin token missing or wrong", None),
     "key_not_found": ProblemType(404, "No record for this key", None),
     "keys_api_disabled": ProblemType(404, "The keys API is disabled", None),
+    "not_found": ProblemType(404, "No such admin path", None),
+    "method_not_allowed": ProblemType(405, "Method not allowed", None),
 }

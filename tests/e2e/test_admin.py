@@ -142,6 +142,22 @@ async def test_admin_listens_on_its_own_port_and_the_proxy_port_forwards_admin_p
     assert upstream.count() == calls
 
 
+async def test_an_unknown_admin_path_or_method_is_a_problem_like_every_other_answer(
+    make_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """README: every answer idemproxy makes itself is problem+json. The admin listener answered
+    an unknown path and a wrong method with aiohttp's text/plain (found by hand: curl of
+    /nope and POST /healthz on a real ``idemproxy run``)."""
+    proxy = await make_proxy()
+    async with http.get(proxy.admin_url + "/nope") as response:
+        assert (response.status, response.content_type) == (404, "application/problem+json")
+        assert (await response.json())["code"] == "not_found"
+    async with http.post(proxy.admin_url + "/healthz") as response:
+        assert (response.status, response.content_type) == (405, "application/problem+json")
+        assert (await response.json())["code"] == "method_not_allowed"
+        assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
+
+
 # --- a real process: graceful shutdown -----------------------------------------------------------
 
 

@@ -183,6 +183,21 @@ async def test_etag_from_get_answers_412_on_a_stale_if_match(
         await server.stop()
 
 
+async def test_etag_from_get_lets_if_match_star_through_for_a_resource_without_an_etag(
+    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """README: ``*`` matches any existing resource. One whose GET answered 2xx without an
+    ``ETag`` was taken for no resource and got 412 (found by hand: PUT with ``If-Match: *``
+    through config/patterns.yaml's edit-profile route on a real ``idemproxy run``)."""
+    proxy = await make_proxy(ARTICLES % "true")  # the upstream answers every GET 201, no ETag
+    url = proxy.url + "/articles/1"
+    async with http.put(url, data=b"x", headers={"If-Match": "*"}) as response:
+        assert response.status == 201
+    async with http.put(url, data=b"x", headers={"If-Match": '"v1"'}) as response:
+        assert response.status == 412  # no ETag for a listed tag to match
+    assert [call.method for call in upstream.calls] == ["GET", "PUT", "GET"]
+
+
 async def test_replay_status_relabels_a_201_replay(
     make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession, store_url: str
 ) -> None:

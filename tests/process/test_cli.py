@@ -319,3 +319,10 @@ def test_check_with_runs_flags_refuses_what_run_refuses(good: Path) -> None:
     assert ran.returncode == 1
     assert checked.stderr.endswith(ran.stderr.removeprefix("idemproxy run: ")), checked.stderr
     assert run_cli("check", *flags, "--store", "redis://127.0.0.1:6379/0").returncode == 0
+
+
+def test_check_takes_every_flag_of_run_log_format_included(good: Path) -> None:
+    """README: check takes run's flags. A run command line with --log-format, handed to check,
+    was refused with argparse's usage error, exit 2 (found by hand)."""
+    result = run_cli("check", "-c", str(good), "--log-format", "text")
+    assert result.returncode == 0, result.stderr

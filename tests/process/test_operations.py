@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from idemproxy import observability
@@ -258,6 +260,46 @@ async def test_keys_cli_gets_and_deletes(admin: RunningProxy, http: aiohttp.Clie
     assert deleted.returncode == 0
     missing = await asyncio.to_thread(cli, "get", "cli-1")
     assert missing.returncode == 1
+
+
+async def test_keys_cli_exits_1_only_for_an_unknown_key_not_for_any_404(
+    make_proxy: ProxyFactory,
+) -> None:
+    """README: 1 for an unknown key, 2 otherwise. Every 404 was taken for "no such key" (found
+    by hand against a real ``idemproxy run`` with the keys API off): that, or an ``--admin``
+    URL with a wrong path, exited 1."""
+    proxy = await make_proxy()  # no admin token: the keys API is off
+    env = {"IDEMPROXY_ADMIN_TOKEN": TOKEN}
+    for where in (proxy.admin_url, proxy.admin_url + "/wrong/prefix"):
+        result = await asyncio.to_thread(run_cli, "keys", "get", "cli-1", "--admin", where, env=env)
+        assert (result.returncode, "404" in result.stderr) == (2, True), (where, result.stderr)
+
+
+async def a_web_page(request: web.Request) -> web.Response:
+    return web.Response(text="<html>hello</html>", content_type="text/html")
+
+
+async def test_keys_cli_pointed_at_some_other_server_exits_2_without_a_traceback() -> None:
+    """A 200 that is not the admin API's JSON (an ``--admin`` naming a web server) ended the
+    CLI in a JSONDecodeError traceback (found by hand against ``python -m http.server``)."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", a_web_page)
+    server = TestServer(app, host=HOST, port=free_port())
+    await server.start_server()
+    try:
+        result = await asyncio.to_thread(
+            run_cli,
+            "keys",
+            "get",
+            "k",
+            "--admin",
+            f"http://{HOST}:{server.port}",
+            env={"IDEMPROXY_ADMIN_TOKEN": TOKEN},
+        )
+    finally:
+        await server.close()
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
 
 
 async def test_access_log_is_json_without_raw_keys_bodies_or_credentials(

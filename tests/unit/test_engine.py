@@ -219,6 +219,8 @@ def test_checks_etag(route: RoutePolicy, method: str, if_match: str | None, expe
         ('"v0"', 200, '"v1"', "precondition_failed"),
         ('"v1"', 404, None, "precondition_failed"),  # no current resource matches no ETag
         ('"v1"', 200, None, "precondition_failed"),
+        ("*", 200, None, None),  # the resource exists, without an ETag
+        ("*", 404, None, "precondition_failed"),
         ('"v1"', 503, '"v1"', "upstream_unavailable"),
     ],
 )
@@ -309,7 +311,14 @@ def test_after_failure(
 
 # The admin listener's answers are not proxied requests; internal_error's request was counted
 # by the handler that failed.
-UNCOUNTED = ("unauthorized", "key_not_found", "keys_api_disabled", "internal_error")
+UNCOUNTED = (
+    "unauthorized",
+    "key_not_found",
+    "keys_api_disabled",
+    "not_found",
+    "method_not_allowed",
+    "internal_error",
+)
 
 
 @pytest.mark.parametrize("code", [c for c in PROBLEMS if c not in UNCOUNTED])

@@ -461,20 +461,22 @@ def test_fingerprint_is_a_sha256_hex_digest() -> None:
 
 
 @pytest.mark.parametrize(
-    ("if_match", "current", "allowed"),
+    ("if_match", "exists", "current", "allowed"),
     [
-        ('"v1"', '"v1"', True),
-        ('"v0", "v1"', '"v1"', True),
-        ('"v0"', '"v1"', False),
-        ("*", '"v1"', True),
-        ("*", None, False),  # no current resource
-        ('"v1"', None, False),
-        ('W/"v1"', 'W/"v1"', False),  # weak tags never match strongly
-        ('"v1"', 'W/"v1"', False),
+        ('"v1"', True, '"v1"', True),
+        ('"v0", "v1"', True, '"v1"', True),
+        ('"v0"', True, '"v1"', False),
+        ("*", True, '"v1"', True),
+        ("*", True, None, True),  # a current resource without an ETag (RFC 9110 13.1.1)
+        ("*", False, None, False),  # no current resource
+        ('"v1"', True, None, False),
+        ('"v1"', False, None, False),
+        ('W/"v1"', True, 'W/"v1"', False),  # weak tags never match strongly
+        ('"v1"', True, 'W/"v1"', False),
     ],
 )
-def test_if_match_allows(if_match: str, current: str | None, allowed: bool) -> None:
-    assert if_match_allows(if_match, current) is allowed
+def test_if_match_allows(if_match: str, exists: bool, current: str | None, allowed: bool) -> None:
+    assert if_match_allows(if_match, exists, current) is allowed
 
 
 # --- one key, read one way (SPEC 4: repeated field lines, repeated body members) -------------
