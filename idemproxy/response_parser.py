@@ -15,7 +15,6 @@ and ``Content-Length`` is refused (a sign of response splitting), as aiohttp's p
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -54,12 +53,15 @@ def _broken(reason: str) -> UpstreamFailure:
     return UpstreamFailure("broken", reason)
 
 
-_CONTROL_BYTE: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Every byte a response head may hold: no control byte but HTAB (RFC 9110 5.5), and CR and LF
+# only as line ends. Deleting these from a head leaves nothing unless it has another (one C
+# loop: half a regex search's time, and this runs for every upstream answer).
+_HEAD_BYTES: Final = bytes(b for b in range(256) if b in (9, 10, 13) or 0x20 <= b != 0x7F)
 
 
 def has_control_byte(data: bytes) -> bool:
     """Whether ``data`` holds a byte no field value may (RFC 9110 5.5; CR and LF included)."""
-    return _CONTROL_BYTE.search(data) is not None or b"\r" in data or b"\n" in data
+    return bool(data.translate(None, _HEAD_BYTES)) or b"\r" in data or b"\n" in data
 
 
 class ResponseParser:
@@ -178,7 +180,7 @@ class ResponseParser:
         # RFC 9110 5.5: no control byte but HTAB in a field (CR and LF are checked per line). One
         # with it could not be written to the client: a keyed answer was stored, then every
         # answer and replay of it ended in a closed connection (found by the section 6 audit).
-        if _CONTROL_BYTE.search(head):
+        if head.translate(None, _HEAD_BYTES):
             raise _broken("a control byte in the response head")
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ", 2)
