@@ -56,6 +56,7 @@ _FIRST_POLL = 0.01
 _MAX_SETTLING = 10_000  # settlements retried in the background at once, per process
 _LAST_SETTLE_TIMEOUT = 2.0  # shutdown: the last try of all pending settlements together
 _MAX_POLL = 0.2
+_RENEW_RETRY = 0.5  # seconds between renewal attempts while the store fails
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer
 
 
@@ -122,8 +123,12 @@ class _Renewals:
             self._renewing[token] = loop.create_task(self._renew(lease), name="lease-renewal")
 
     async def _renew(self, lease: _Lease) -> None:
+        """Renew every ``lock_ttl / 3``; after a failure, again within ``_RENEW_RETRY``: a store
+        back from an outage may have little of the lease left (one warning per outage)."""
         lock_ttl = lease.route.lock_ttl
+        failing = False
         while True:
+            delay = lock_ttl / 3
             try:
                 if not await self._store.renew(lease.key, lease.token, lock_ttl):
                     event(
@@ -132,9 +137,13 @@ class _Renewals:
                         key_hash=lease.trace.key_hash,
                     )
                     return
+                failing = False
             except StoreUnavailable as exc:
-                event("could not renew a lease", logging.WARNING, error=str(exc))
-            await asyncio.sleep(lock_ttl / 3)
+                if not failing:
+                    event("could not renew a lease", logging.WARNING, error=str(exc))
+                failing = True
+                delay = min(delay, _RENEW_RETRY)
+            await asyncio.sleep(delay)
 
 
 class KeyedProxy:

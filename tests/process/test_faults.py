@@ -250,6 +250,42 @@ async def test_a_frozen_holder_whose_lease_was_taken_cannot_overwrite_the_new_re
     assert replay_serial == new_serial  # the newer holder's record was not overwritten
 
 
+async def test_a_slow_call_keeps_its_lease_through_a_store_outage_shorter_than_lock_ttl(
+    tmp_path: Path,
+    upstream: Upstream,
+    redis_aof: RedisProcess,
+    proxies: list[ProxyProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    """README: the lease is renewed while the upstream call runs, so a slow call never loses it
+    to a retry. Redis is down (SIGKILL, restarted from its append-only file) across the two
+    renewals due in the first ``lock_ttl`` and back with under a third of the lease left: the
+    live holder must renew it then, not a whole ``lock_ttl / 3`` after its last failed try."""
+    lock_ttl = 9.0
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: true}\n"
+        f"    lock_ttl: {lock_ttl:g}s\n"
+    )
+    holder, other = await two_proxies(policy, upstream, redis_aof, proxies, http)
+    key = "renewed-across-an-outage"
+    slow = await started_upstream_call(http, holder, upstream, key, delay=lock_ttl + 3)
+    assert redis_aof.process is not None
+    redis_aof.process.kill()  # the lease is on disk; every renewal fails until the restart
+    redis_aof.process.wait()
+    await asyncio.sleep(2 * lock_ttl / 3 + 0.4)  # lower bound: both renewals due have failed
+    await asyncio.to_thread(redis_aof.start)
+    await asyncio.sleep(lock_ttl / 3)  # lower bound: past the lease's end, had it not been renewed
+    retry_status, _ = await post(http, other.url, key)
+    first_status, first_serial = await slow
+    replay_status, replay_serial = await post(http, other.url, key)
+    summary("outage-during-renewals", 3, 2, upstream, 0)
+    assert retry_status == 409  # the live holder still holds the lease
+    assert executions(upstream)[key] == 1
+    assert (first_status, replay_status) == (201, 201)
+    assert replay_serial == first_serial
+
+
 async def test_redis_crash_and_restart_mid_traffic_loses_no_record(
     tmp_path: Path,
     upstream: Upstream,
