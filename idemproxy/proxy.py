@@ -56,7 +56,9 @@ _FIRST_POLL = 0.01
 _MAX_SETTLING = 10_000  # settlements retried in the background at once, per process
 _LAST_SETTLE_TIMEOUT = 2.0  # shutdown: the last try of all pending settlements together
 _MAX_POLL = 0.2
-_RENEW_RETRY = 0.5  # seconds between renewal attempts while the store fails
+# Seconds between tries of a lease's renewal or settlement while the store fails: a store that
+# comes back with less than this left of the lease finds it expired.
+_STORE_RETRY = 0.25
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer
 
 
@@ -123,7 +125,7 @@ class _Renewals:
             self._renewing[token] = loop.create_task(self._renew(lease), name="lease-renewal")
 
     async def _renew(self, lease: _Lease) -> None:
-        """Renew every ``lock_ttl / 3``; after a failure, again within ``_RENEW_RETRY``: a store
+        """Renew every ``lock_ttl / 3``; after a failure, again within ``_STORE_RETRY``: a store
         back from an outage may have little of the lease left (one warning per outage)."""
         lock_ttl = lease.route.lock_ttl
         failing = False
@@ -142,7 +144,7 @@ class _Renewals:
                 if not failing:
                     event("could not renew a lease", logging.WARNING, error=str(exc))
                 failing = True
-                delay = min(delay, _RENEW_RETRY)
+                delay = min(delay, _STORE_RETRY)
             await asyncio.sleep(delay)
 
 
@@ -556,7 +558,7 @@ class KeyedProxy:
         delay = _FIRST_POLL * 10
         while loop.time() + delay < deadline:
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, _STORE_RETRY)
             try:
                 settled = await self._settle_once(lease, response, release)
             except StoreUnavailable:
