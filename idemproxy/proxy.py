@@ -556,9 +556,12 @@ class KeyedProxy:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + lease.route.lock_ttl
         delay = _FIRST_POLL * 10
+        # A lease we may not hold (one per request refused while the store hangs, up to
+        # _MAX_SETTLING) is only in the way of retries: a slower pace costs less CPU then.
+        longest = 1.0 if maybe_held else _STORE_RETRY
         while loop.time() + delay < deadline:
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _STORE_RETRY)
+            delay = min(delay * 2, longest)
             try:
                 settled = await self._settle_once(lease, response, release)
             except StoreUnavailable:
