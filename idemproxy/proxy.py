@@ -56,6 +56,9 @@ _FIRST_POLL = 0.01
 _MAX_SETTLING = 10_000  # settlements retried in the background at once, per process
 _LAST_SETTLE_TIMEOUT = 2.0  # shutdown: the last try of all pending settlements together
 _MAX_POLL = 0.2
+# Seconds between tries of a lease's renewal or settlement while the store fails: a store that
+# comes back with less than this left of the lease finds it expired.
+_STORE_RETRY = 0.25
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer
 
 
@@ -122,8 +125,12 @@ class _Renewals:
             self._renewing[token] = loop.create_task(self._renew(lease), name="lease-renewal")
 
     async def _renew(self, lease: _Lease) -> None:
+        """Renew every ``lock_ttl / 3``; after a failure, again within ``_STORE_RETRY``: a store
+        back from an outage may have little of the lease left (one warning per outage)."""
         lock_ttl = lease.route.lock_ttl
+        failing = False
         while True:
+            delay = lock_ttl / 3
             try:
                 if not await self._store.renew(lease.key, lease.token, lock_ttl):
                     event(
@@ -132,9 +139,13 @@ class _Renewals:
                         key_hash=lease.trace.key_hash,
                     )
                     return
+                failing = False
             except StoreUnavailable as exc:
-                event("could not renew a lease", logging.WARNING, error=str(exc))
-            await asyncio.sleep(lock_ttl / 3)
+                if not failing:
+                    event("could not renew a lease", logging.WARNING, error=str(exc))
+                failing = True
+                delay = min(delay, _STORE_RETRY)
+            await asyncio.sleep(delay)
 
 
 class KeyedProxy:
@@ -545,9 +556,12 @@ class KeyedProxy:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + lease.route.lock_ttl
         delay = _FIRST_POLL * 10
+        # A lease we may not hold (one per request refused while the store hangs, up to
+        # _MAX_SETTLING) is only in the way of retries: a slower pace costs less CPU then.
+        longest = 1.0 if maybe_held else _STORE_RETRY
         while loop.time() + delay < deadline:
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, longest)
             try:
                 settled = await self._settle_once(lease, response, release)
             except StoreUnavailable:

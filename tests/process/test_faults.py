@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from tests.conftest import HOST, RedisProcess, Upstream, free_port, idemproxy_argv
 
@@ -248,6 +249,96 @@ async def test_a_frozen_holder_whose_lease_was_taken_cannot_overwrite_the_new_re
     assert stale_serial != new_serial
     assert replay_status == 201
     assert replay_serial == new_serial  # the newer holder's record was not overwritten
+
+
+async def test_a_slow_call_keeps_its_lease_through_a_store_outage_shorter_than_lock_ttl(
+    tmp_path: Path,
+    upstream: Upstream,
+    redis_aof: RedisProcess,
+    proxies: list[ProxyProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    """README: the lease is renewed while the upstream call runs, so a slow call never loses it
+    to a retry. Redis is down (SIGKILL, restarted from its append-only file) across the two
+    renewals due in the first ``lock_ttl`` and back with under a third of the lease left: the
+    live holder must renew it then, not a whole ``lock_ttl / 3`` after its last failed try."""
+    lock_ttl = 9.0
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: true}\n"
+        f"    lock_ttl: {lock_ttl:g}s\n"
+    )
+    holder, other = await two_proxies(policy, upstream, redis_aof, proxies, http)
+    key = "renewed-across-an-outage"
+    slow = await started_upstream_call(http, holder, upstream, key, delay=lock_ttl + 3)
+    assert redis_aof.process is not None
+    redis_aof.process.kill()  # the lease is on disk; every renewal fails until the restart
+    redis_aof.process.wait()
+    await asyncio.sleep(2 * lock_ttl / 3 + 0.4)  # lower bound: both renewals due have failed
+    await asyncio.to_thread(redis_aof.start)
+    await asyncio.sleep(lock_ttl / 3)  # lower bound: past the lease's end, had it not been renewed
+    retry_status, _ = await post(http, other.url, key)
+    first_status, first_serial = await slow
+    replay_status, replay_serial = await post(http, other.url, key)
+    summary("outage-during-renewals", 3, 2, upstream, 0)
+    assert retry_status == 409  # the live holder still holds the lease
+    assert executions(upstream)[key] == 1
+    assert (first_status, replay_status) == (201, 201)
+    assert replay_serial == first_serial
+
+
+async def test_a_completion_retried_in_the_background_lands_in_the_last_second_of_its_lease(
+    tmp_path: Path,
+    upstream: Upstream,
+    redis_aof: RedisProcess,
+    proxies: list[ProxyProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    """README: a completion the store refused is retried in the background while the lease
+    lasts, so the record is not lost when the store comes back in time. The store refuses
+    scripts (an ACL takes EVAL and EVALSHA away: every try fails at once, and Redis counts it
+    in its NOPERM error count) from before the upstream answers until a failed try sees under
+    a second of the lease left; then it takes them again. Retries a second apart came next
+    only once the lease had expired: the record was lost and a retry ran the request again."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: true}\n"
+        "    lock_ttl: 6s\n"
+    )
+    proxy = ProxyProcess(policy, upstream.url, redis_aof.url)
+    proxies.append(proxy)
+    await proxy.ready(http)
+    key = "completed-late"
+    store = aioredis.Redis(host=HOST, port=redis_aof.port)
+    try:
+        # The upstream answers 1 s in, before the first renewal (2 s): only completions fail.
+        first = await started_upstream_call(http, proxy, upstream, key, delay=1.0)
+        await store.acl_setuser("default", enabled=True, commands=["-eval", "-evalsha"])
+        (lease_key,) = [k async for k in store.scan_iter(match="idem:*")]
+        first_status, first_serial = await first  # answered, though not recorded yet
+        failed_tries = 0
+        for _ in range(1000):  # 10 s at most; the lease lasts 6 s
+            errors = await store.info("errorstats")
+            tries = int(errors.get("errorstat_NOPERM", {}).get("count", 0))
+            if tries > failed_tries:  # a try has just failed
+                failed_tries = tries
+                if await store.pttl(lease_key) < 1000:
+                    break
+            await asyncio.sleep(0.01)
+        await store.acl_setuser("default", enabled=True, commands=["+@all"])
+    finally:
+        await store.aclose()
+    answers = []
+    for _ in range(100):  # 409 while the completion has not landed yet
+        status, serial = await post(http, proxy.url, key)
+        answers.append((status, serial))
+        if status != 409:
+            break
+        await asyncio.sleep(0.1)
+    summary("late-completion", 1 + len(answers), len(answers), upstream, 0)
+    assert failed_tries > 0
+    assert (first_status, answers[-1]) == (201, (201, first_serial))  # its replay
+    assert executions(upstream)[key] == 1
 
 
 async def test_redis_crash_and_restart_mid_traffic_loses_no_record(
