@@ -568,7 +568,10 @@ class KeyedProxy:
                 continue
             if settled:
                 event("lease settled after the store came back", key_hash=lease.trace.key_hash)
-            elif not maybe_held:
+            elif not maybe_held and not release:
+                # A completion retried is recognised (COMPLETE answers 1 to its own token), so
+                # a refusal means the lease is gone. A release is not: the try that timed out
+                # may have released it, and a key released either way is what was asked.
                 self._lease_lost(lease)
             return
         if maybe_held:
