@@ -146,8 +146,15 @@ def test_check_cli_on_arbitrary_yaml(tmp_path: Path) -> None:
 
 LOADER_BREAKERS = [
     "nul", "escape-char", "deep-nesting", "self-alias-list", "self-alias-route", "huge-int",
-    "int-tag", "float-tag", "bool-tag", "timestamp-tag",
+    "int-tag", "float-tag", "bool-tag", "timestamp-tag", "alias-bomb",
 ]  # fmt: skip
+# Nine anchors of nine aliases of the one before: a few lines that expand to 9**10 values.
+# Before, the reader walked every one of them (hours, and memory without bound).
+ALIAS_BOMB = "\n".join(
+    ["version: 1", 'x-a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    + [f"x-a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    + ["defaults: {scope: *a9}", ""]
+)
 
 
 @pytest.mark.parametrize(
@@ -163,6 +170,7 @@ LOADER_BREAKERS = [
         "shutdown_timeout: !!float abc\n",
         "x-flag: !!bool maybe\n",
         "listen: !!timestamp x\n",
+        ALIAS_BOMB,
     ],
     ids=LOADER_BREAKERS,
 )
