@@ -15,6 +15,13 @@ ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 # nine nested anchors of nine aliases each ("billion laughs") are a few lines that expand to
 # 9**10 values, which the reader would walk for hours.
 MAX_VALUES = 100_000
+# The tags a mapping or a list may carry: none but the default. PyYAML's safe constructors
+# refuse other tags on scalars; on collections the reader walks the nodes itself, and read
+# `!!python/object/apply:os.system [x]` as a plain list.
+_COLLECTION_TAGS: dict[type[yaml.Node], str] = {
+    yaml.MappingNode: "tag:yaml.org,2002:map",
+    yaml.SequenceNode: "tag:yaml.org,2002:seq",
+}
 
 
 class YamlReader:
@@ -89,6 +96,11 @@ class YamlReader:
         return None
 
     def _construct(self, node: yaml.Node, path: str) -> object:
+        default_tag = _COLLECTION_TAGS.get(type(node))
+        if default_tag is not None and node.tag != default_tag:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the tag {node.tag!r} is not allowed", node.start_mark
+            )
         if isinstance(node, yaml.MappingNode):
             self.loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
             result: dict[str, object] = {}

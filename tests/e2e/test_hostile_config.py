@@ -147,6 +147,7 @@ def test_check_cli_on_arbitrary_yaml(tmp_path: Path) -> None:
 LOADER_BREAKERS = [
     "nul", "escape-char", "deep-nesting", "self-alias-list", "self-alias-route", "huge-int",
     "int-tag", "float-tag", "bool-tag", "timestamp-tag", "alias-bomb",
+    "python-tag-on-a-list", "python-tag-on-a-mapping", "set-tag-on-a-mapping",
 ]  # fmt: skip
 # Nine anchors of nine aliases of the one before: a few lines that expand to 9**10 values.
 # Before, the reader walked every one of them (hours, and memory without bound).
@@ -171,6 +172,10 @@ ALIAS_BOMB = "\n".join(
         "x-flag: !!bool maybe\n",
         "listen: !!timestamp x\n",
         ALIAS_BOMB,
+        # Tags on a list or a mapping were dropped: each read as a plain one, exit 0.
+        'defaults:\n  scope: !!python/object/apply:os.system ["header:Authorization"]\n',
+        "defaults: !!python/object:idemproxy.settings.Config\n  ttl: 5s\n",
+        "defaults: !!set\n  ttl: 5s\n",
     ],
     ids=LOADER_BREAKERS,
 )
