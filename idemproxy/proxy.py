@@ -181,7 +181,8 @@ class KeyedProxy:
                 if problem.outcome is not None:
                     trace.outcome = problem.outcome
                 response = problem_answer(problem)
-                if body_left_unread(request):
+                if body_left_unread(request) or request.method == hdrs.METH_CONNECT:
+                    # Bytes after it are a body the proxy did not read, or a tunnel's data.
                     response.force_close()
             status = response.status
             return response
@@ -237,7 +238,7 @@ class KeyedProxy:
         trace.finish(self.metrics, problem.status)
 
     async def _dispatch(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
-        if not request.raw_path.startswith("/"):
+        if not request.raw_path.startswith("/") or request.method == hdrs.METH_CONNECT:
             # A reverse proxy forwards origin-form targets only (no "http://host/x", "*", CONNECT).
             raise ProblemError("invalid_request_target", "the request target must be a path")
         # The policy is read once: a reload (SIGHUP) swaps it, and this request keeps its route.
