@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion10, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from idemproxy import engine
@@ -181,8 +181,13 @@ class KeyedProxy:
                 if problem.outcome is not None:
                     trace.outcome = problem.outcome
                 response = problem_answer(problem)
-                if body_left_unread(request) or request.method == hdrs.METH_CONNECT:
-                    # Bytes after it are a body the proxy did not read, or a tunnel's data.
+                if (
+                    body_left_unread(request)
+                    or request.method == hdrs.METH_CONNECT
+                    or problem.code == "malformed_request"
+                ):
+                    # Bytes after it are a body the proxy did not read, a tunnel's data, or
+                    # framed in a way the proxy does not follow.
                     response.force_close()
             status = response.status
             return response
@@ -238,6 +243,7 @@ class KeyedProxy:
         trace.finish(self.metrics, problem.status)
 
     async def _dispatch(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
+        _refuse_unclear_framing(request)
         if not request.raw_path.startswith("/") or request.method == hdrs.METH_CONNECT:
             # A reverse proxy forwards origin-form targets only (no "http://host/x", "*", CONNECT).
             raise ProblemError("invalid_request_target", "the request target must be a path")
@@ -596,6 +602,21 @@ class KeyedProxy:
 def _refuse_if(refusal: Refuse | None) -> None:
     if refusal is not None:
         raise refusal.error()
+
+
+def _refuse_unclear_framing(request: web.BaseRequest) -> None:
+    """What aiohttp's parser lets through but the proxy cannot forward as the client meant it
+    (RFC 9112): a transfer coding other than chunked (the parser decodes only chunked, so
+    ``gzip, chunked`` would reach the upstream still gzip-coded with nothing saying so; 6.1
+    lets a server refuse codings it does not understand); and any Transfer-Encoding in an
+    HTTP/1.0 request, whose framing 6.1 says to treat as faulty."""
+    codings = request.headers.get(hdrs.TRANSFER_ENCODING)
+    if codings is None:
+        return
+    if request.version == HttpVersion10:
+        raise ProblemError("malformed_request", "an HTTP/1.0 request has Transfer-Encoding")
+    if [coding.strip(" \t").lower() for coding in codings.split(",")] != ["chunked"]:
+        raise ProblemError("malformed_request", "a transfer coding other than chunked")
 
 
 def _header_lines(request: web.BaseRequest) -> Callable[[str], list[str]]:

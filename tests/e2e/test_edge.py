@@ -695,6 +695,14 @@ REFUSED = {
     "many-headers": b"GET / HTTP/1.1\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n"
     + b"".join(b"X-F%03d: v\r\n" % i for i in range(120))
     + b"\r\n",
+    # aiohttp's parser takes these; they were forwarded (found by the hostile-input audit):
+    # the gzip coding dropped on the way, an HTTP/1.0 body read as chunked
+    "gzip-then-chunked": b"POST /off HTTP/1.1\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n"
+    b"Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "identity-then-chunked": b"POST /orders HTTP/1.1\r\nHost: x\r\nIdempotency-Key: te-1\r\n"
+    b"Transfer-Encoding: identity, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "chunked-http10": b"POST /off HTTP/1.0\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
 }
 
 
