@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from aiohttp import HttpVersion10, hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from idemproxy import engine
@@ -606,14 +606,18 @@ def _refuse_if(refusal: Refuse | None) -> None:
 
 def _refuse_unclear_framing(request: web.BaseRequest) -> None:
     """What aiohttp's parser lets through but the proxy cannot forward as the client meant it
-    (RFC 9112): a transfer coding other than chunked (the parser decodes only chunked, so
+    (RFC 9112): a version other than HTTP/1.0 and 1.1 (it takes "HTTP/2.0" and "HTTP/0.9"
+    request lines); a transfer coding other than chunked (the parser decodes only chunked, so
     ``gzip, chunked`` would reach the upstream still gzip-coded with nothing saying so; 6.1
     lets a server refuse codings it does not understand); and any Transfer-Encoding in an
     HTTP/1.0 request, whose framing 6.1 says to treat as faulty."""
+    version = request.version
+    if version != HttpVersion11 and version != HttpVersion10:
+        raise ProblemError("malformed_request", "the request is not HTTP/1.0 or HTTP/1.1")
     codings = request.headers.get(hdrs.TRANSFER_ENCODING)
     if codings is None:
         return
-    if request.version == HttpVersion10:
+    if version == HttpVersion10:
         raise ProblemError("malformed_request", "an HTTP/1.0 request has Transfer-Encoding")
     if [coding.strip(" \t").lower() for coding in codings.split(",")] != ["chunked"]:
         raise ProblemError("malformed_request", "a transfer coding other than chunked")
