@@ -633,8 +633,11 @@ def _query_values(request: web.BaseRequest) -> Callable[[str], list[str]]:
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
+    """A WebSocket opening handshake: a GET (RFC 6455 4.1). aiohttp's client opens the
+    upstream end with a GET, so any other method asking to upgrade is forwarded as itself."""
     return (
-        request.headers.get("Upgrade", "").lower() == "websocket"
+        request.method == hdrs.METH_GET
+        and request.headers.get("Upgrade", "").lower() == "websocket"
         and "upgrade" in request.headers.get("Connection", "").lower()
     )
 
