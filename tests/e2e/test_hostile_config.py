@@ -195,3 +195,16 @@ def test_an_empty_field_name_at_the_root_is_named() -> None:
     with pytest.raises(ConfigError) as caught:
         load_text("'': 1\nversion: 1\n", environ={})
     assert_config_errors_are_located(caught.value)
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
+    """SPEC 2: each error names, where known, the file line. A Latin-1 byte in a comment was
+    "cannot read the file: 'utf-8' codec can't decode byte 0xe9 in position 37" (found by the
+    hostile-input audit)."""
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"version: 1\nlisten: 127.0.0.1:8080\n# caf\xe9\nroutes: []\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(f"{path}:3: "), result.stderr
+    assert "UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
