@@ -285,7 +285,16 @@ def _unique_names(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return document
 
 
-_JSON = json.JSONDecoder(parse_float=_exact_number, object_pairs_hook=_unique_names)
+def _not_json(constant: str) -> object:
+    """NaN and Infinity are not JSON (RFC 8259 6): Python's decoder takes them, and they
+    encode as null, so ``{"a": NaN}``, ``{"a": Infinity}`` and ``{"a": null}`` were the same
+    request. Such a body is compared as sent."""
+    raise ValueError(f"{constant} is not JSON")
+
+
+_JSON = json.JSONDecoder(
+    parse_float=_exact_number, parse_constant=_not_json, object_pairs_hook=_unique_names
+)
 
 
 def fingerprint(
