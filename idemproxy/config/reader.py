@@ -67,8 +67,9 @@ class YamlReader:
         sizes: dict[int, int] = {}
         try:
             total = _expanded_size(root, sizes)
-        except RecursionError:
-            return True  # nested too deeply: reading it says so, with its path
+        except RecursionError:  # reading it would stop there, then walk on to any sibling
+            self.problems.append(ConfigProblem("", "not valid YAML: nested too deeply"))
+            return False
         if total <= MAX_VALUES:
             return True
         path, line = "", root.start_mark.line + 1
