@@ -16,7 +16,7 @@ import contextlib
 from typing import Any
 
 import aiohttp
-from aiohttp import HttpVersion11, hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.connector import Connection
 from aiohttp.http_writer import StreamWriter
@@ -122,6 +122,8 @@ class VerbatimStreamResponse(web.StreamResponse):
         assert request is not None
         assert isinstance(writer, StreamWriter)
         version = request.version
+        if version != HttpVersion10:  # HTTP/1.1, or the 400 to a "HTTP/2.0" request line
+            version = HttpVersion11
         status_line = f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}"
         # aiohttp's serialisation (UTF-8) first: its checks (no CR or LF) and its hook run. Its
         # bytes are ASCII exactly when the text is: the usual head is checked in one C call

@@ -112,9 +112,24 @@ class _Members(dict[str, object]):
         super().__init__()
         self.conflicting: set[str] = set()
         for name, value in pairs:
-            if name in self and self[name] != value:
+            if name in self and not _same_json(self[name], value):
                 self.conflicting.add(name)
             self[name] = value
+
+
+def _same_json(first: object, second: object) -> bool:
+    """Whether two decoded JSON values are the same value. Python's ``==`` is not that: it
+    says ``true == 1``, ``false == 0`` and ``1 == 1.0``, so ``{"client_id": true,
+    "client_id": 1}`` read as one key, 1, while an upstream that keeps the first reads true."""
+    if type(first) is not type(second):
+        return False
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(
+            _same_json(value, second[name]) for name, value in first.items()
+        )
+    if isinstance(first, list) and isinstance(second, list):
+        return len(first) == len(second) and all(map(_same_json, first, second))
+    return first == second
 
 
 def _may_repeat_a_member(tokens: Sequence[str], body: bytes) -> bool:
@@ -271,7 +286,16 @@ def _unique_names(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return document
 
 
-_JSON = json.JSONDecoder(parse_float=_exact_number, object_pairs_hook=_unique_names)
+def _not_json(constant: str) -> object:
+    """NaN and Infinity are not JSON (RFC 8259 6): Python's decoder takes them, and they
+    encode as null, so ``{"a": NaN}``, ``{"a": Infinity}`` and ``{"a": null}`` were the same
+    request. Such a body is compared as sent."""
+    raise ValueError(f"{constant} is not JSON")
+
+
+_JSON = json.JSONDecoder(
+    parse_float=_exact_number, parse_constant=_not_json, object_pairs_hook=_unique_names
+)
 
 
 def fingerprint(

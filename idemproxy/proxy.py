@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from idemproxy import engine
@@ -192,7 +192,13 @@ class KeyedProxy:
                 if problem.outcome is not None:
                     trace.outcome = problem.outcome
                 response = problem_answer(problem)
-                if body_left_unread(request):
+                if (
+                    body_left_unread(request)
+                    or request.method == hdrs.METH_CONNECT
+                    or problem.code == "malformed_request"
+                ):
+                    # Bytes after it are a body the proxy did not read, a tunnel's data, or
+                    # framed in a way the proxy does not follow.
                     response.force_close()
             status = response.status
             return response
@@ -248,7 +254,8 @@ class KeyedProxy:
         trace.finish(self.metrics, problem.status)
 
     async def _dispatch(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
-        if not request.raw_path.startswith("/"):
+        _refuse_unclear_framing(request)
+        if not request.raw_path.startswith("/") or request.method == hdrs.METH_CONNECT:
             # A reverse proxy forwards origin-form targets only (no "http://host/x", "*", CONNECT).
             raise ProblemError("invalid_request_target", "the request target must be a path")
         # The policy is read once: a reload (SIGHUP) swaps it, and this request keeps its route.
@@ -614,6 +621,25 @@ def _refuse_if(refusal: Refuse | None) -> None:
         raise refusal.error()
 
 
+def _refuse_unclear_framing(request: web.BaseRequest) -> None:
+    """What aiohttp's parser lets through but the proxy cannot forward as the client meant it
+    (RFC 9112): a version other than HTTP/1.0 and 1.1 (it takes "HTTP/2.0" and "HTTP/0.9"
+    request lines); a transfer coding other than chunked (the parser decodes only chunked, so
+    ``gzip, chunked`` would reach the upstream still gzip-coded with nothing saying so; 6.1
+    lets a server refuse codings it does not understand); and any Transfer-Encoding in an
+    HTTP/1.0 request, whose framing 6.1 says to treat as faulty."""
+    version = request.version
+    if version != HttpVersion11 and version != HttpVersion10:
+        raise ProblemError("malformed_request", "the request is not HTTP/1.0 or HTTP/1.1")
+    codings = request.headers.get(hdrs.TRANSFER_ENCODING)
+    if codings is None:
+        return
+    if version == HttpVersion10:
+        raise ProblemError("malformed_request", "an HTTP/1.0 request has Transfer-Encoding")
+    if [coding.strip(" \t").lower() for coding in codings.split(",")] != ["chunked"]:
+        raise ProblemError("malformed_request", "a transfer coding other than chunked")
+
+
 def _header_lines(request: web.BaseRequest) -> Callable[[str], list[str]]:
     return lambda name: request.headers.getall(name, [])
 
@@ -624,8 +650,11 @@ def _query_values(request: web.BaseRequest) -> Callable[[str], list[str]]:
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
+    """A WebSocket opening handshake: a GET (RFC 6455 4.1). aiohttp's client opens the
+    upstream end with a GET, so any other method asking to upgrade is forwarded as itself."""
     return (
-        request.headers.get("Upgrade", "").lower() == "websocket"
+        request.method == hdrs.METH_GET
+        and request.headers.get("Upgrade", "").lower() == "websocket"
         and "upgrade" in request.headers.get("Connection", "").lower()
     )
 

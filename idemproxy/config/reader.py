@@ -11,6 +11,19 @@ from idemproxy.errors import ConfigProblem
 
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
+# Values a document may expand to, an alias counted at every use (a policy has a few hundred;
+# 10,000 routes are about 120,000): nine nested anchors of nine aliases each ("billion
+# laughs") are a few lines that expand to 9**10 values, which the reader would walk for hours.
+# The document is sized before it is walked, so a larger one is refused at once.
+MAX_VALUES = 1_000_000
+# The tags a mapping or a list may carry: none but the default. PyYAML's safe constructors
+# refuse other tags on scalars; on collections the reader walks the nodes itself, and read
+# `!!python/object/apply:os.system [x]` as a plain list.
+_COLLECTION_TAGS: dict[type[yaml.Node], str] = {
+    yaml.MappingNode: "tag:yaml.org,2002:map",
+    yaml.SequenceNode: "tag:yaml.org,2002:seq",
+}
+
 
 class YamlReader:
     def __init__(self, text: str, environ: typing.Mapping[str, str]) -> None:
@@ -43,8 +56,29 @@ class YamlReader:
             self.loader.dispose()
         if node is None:
             return {}
+        if not self._within_budget(node):
+            return None
         value = self._value(node, "")
         return {} if value is None else value  # a document of just "---" or "~" is empty
+
+    def _within_budget(self, root: yaml.Node) -> bool:
+        """Whether ``root`` expands to at most ``MAX_VALUES`` values; else a problem names the
+        top-level field that expands most (merge keys and aliases counted at every use)."""
+        sizes: dict[int, int] = {}
+        try:
+            total = _expanded_size(root, sizes)
+        except RecursionError:  # reading it would stop there, then walk on to any sibling
+            self.problems.append(ConfigProblem("", "not valid YAML: nested too deeply"))
+            return False
+        if total <= MAX_VALUES:
+            return True
+        path, line = "", root.start_mark.line + 1
+        if isinstance(root, yaml.MappingNode) and root.value:
+            key_node, _ = max(root.value, key=lambda pair: sizes.get(id(pair[1]), 0))
+            path, line = str(getattr(key_node, "value", "")), key_node.start_mark.line + 1
+        message = f"has more than {MAX_VALUES:,} values, each alias (*name) counted at every use"
+        self.problems.append(ConfigProblem(path, message, line))
+        return False
 
     def _value(self, node: yaml.Node, path: str) -> object:
         self.lines.setdefault(path, node.start_mark.line + 1)
@@ -64,6 +98,11 @@ class YamlReader:
         return None
 
     def _construct(self, node: yaml.Node, path: str) -> object:
+        default_tag = _COLLECTION_TAGS.get(type(node))
+        if default_tag is not None and node.tag != default_tag:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the tag {node.tag!r} is not allowed", node.start_mark
+            )
         if isinstance(node, yaml.MappingNode):
             self.loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
             result: dict[str, object] = {}
@@ -108,3 +147,27 @@ class YamlReader:
 
     def _problem(self, path: str, message: str) -> None:
         self.problems.append(ConfigProblem(path, message, self.lines.get(path)))
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values ``node`` expands to; an alias is the same node object, so each node is
+    sized once (``sizes``) and its size counted at every use. A node that contains itself
+    counts once there: reading it reports the loop."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        merged: dict[int, yaml.Node] = {}  # merge keys take each mapping's members once
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":
+                items = value.value if isinstance(value, yaml.SequenceNode) else [value]
+                merged.update((id(item), item) for item in items)
+            else:
+                size += _expanded_size(key, sizes) + _expanded_size(value, sizes)
+        size += sum(_expanded_size(item, sizes) for item in merged.values())
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes) for item in node.value)
+    sizes[id(node)] = size
+    return size

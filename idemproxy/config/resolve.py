@@ -561,8 +561,14 @@ def load(
     if path is None:
         return load_text("", None, flags, environ)
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
         raise ConfigError([ConfigProblem("", f"cannot read the file: {exc}")], path) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        message = f"not valid YAML: not UTF-8 (byte 0x{data[exc.start]:02x})"
+        raise ConfigError([ConfigProblem("", message, line)], path) from exc
     return load_text(text, path, flags, environ)

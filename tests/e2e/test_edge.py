@@ -695,6 +695,17 @@ REFUSED = {
     "many-headers": b"GET / HTTP/1.1\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n"
     + b"".join(b"X-F%03d: v\r\n" % i for i in range(120))
     + b"\r\n",
+    # aiohttp's parser takes these; they were forwarded (found by the hostile-input audit):
+    # the gzip coding dropped on the way, an HTTP/1.0 body read as chunked
+    "gzip-then-chunked": b"POST /off HTTP/1.1\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n"
+    b"Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "identity-then-chunked": b"POST /orders HTTP/1.1\r\nHost: x\r\nIdempotency-Key: te-1\r\n"
+    b"Transfer-Encoding: identity, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "chunked-http10": b"POST /off HTTP/1.0\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    # also taken by the parser, forwarded, and answered with "HTTP/2.0 201" (or 0.9)
+    "http-2.0-request-line": b"POST /off HTTP/2.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    "http-0.9-request-line": b"GET / HTTP/0.9\r\nHost: x\r\nCookie: s3cr3t-t0ken\r\n\r\n",
 }
 
 
@@ -721,6 +732,7 @@ async def test_a_request_the_parser_refuses_gets_a_problem_that_echoes_nothing(
         else (400, "malformed_request")
     )
     assert (status_of(head), problem["code"]) == expected
+    assert head.startswith((b"HTTP/1.1 ", b"HTTP/1.0 "))
     assert b"application/problem+json" in head
     assert b"s3cr3t" not in head + body
     assert upstream.count() == 0

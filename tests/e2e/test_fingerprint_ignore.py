@@ -102,15 +102,29 @@ async def test_a_retry_that_differs_elsewhere_is_a_key_reuse(
     assert upstream.count("/payments") == 1
 
 
+@pytest.mark.parametrize(
+    ("first", "retry"),
+    [
+        # Looks like JSON but is not (a trailing comma): no member can be left out of it.
+        (b'{"amount": 100, "sent_at": "t1",}', b'{"amount": 100, "sent_at": "t2",}'),
+        # Not JSON either (RFC 8259 6), though Python reads it: NaN, Infinity and null had one
+        # canonical form, null, so these were replays (found by the hostile-input audit).
+        (b'{"amount": NaN, "sent_at": "t1"}', b'{"amount": null, "sent_at": "t1"}'),
+        (b'{"amount": Infinity, "sent_at": "t1"}', b'{"amount": -Infinity, "sent_at": "t1"}'),
+    ],
+    ids=["trailing-comma", "nan-then-null", "infinity-then-minus-infinity"],
+)
 async def test_a_body_that_is_not_json_is_compared_as_sent(
-    make_proxy: ProxyFactory, upstream: Upstream, http: aiohttp.ClientSession
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    first: bytes,
+    retry: bytes,
 ) -> None:
     proxy = await make_proxy(POLICY)
     url = proxy.url + "/payments"
-    # Looks like JSON but is not (a trailing comma): no member can be left out of it.
-    first = b'{"amount": 100, "sent_at": "t1",}'
     assert (await post(http, url, first))[0] == 201
-    status, answer = await post(http, url, first.replace(b"t1", b"t2"))
+    status, answer = await post(http, url, retry)
     assert (status, answer["code"]) == (422, "idempotency_key_reused")
     assert upstream.count("/payments") == 1
 

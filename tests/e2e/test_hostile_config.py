@@ -146,8 +146,16 @@ def test_check_cli_on_arbitrary_yaml(tmp_path: Path) -> None:
 
 LOADER_BREAKERS = [
     "nul", "escape-char", "deep-nesting", "self-alias-list", "self-alias-route", "huge-int",
-    "int-tag", "float-tag", "bool-tag", "timestamp-tag",
+    "int-tag", "float-tag", "bool-tag", "timestamp-tag", "alias-bomb",
+    "python-tag-on-a-list", "python-tag-on-a-mapping", "set-tag-on-a-mapping",
 ]  # fmt: skip
+# Nine anchors of nine aliases of the one before: a few lines that expand to 9**10 values.
+# Before, the reader walked every one of them (hours, and memory without bound).
+ALIAS_BOMB = "\n".join(
+    ["version: 1", 'x-a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    + [f"x-a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    + ["defaults: {scope: *a9}", ""]
+)
 
 
 @pytest.mark.parametrize(
@@ -163,6 +171,11 @@ LOADER_BREAKERS = [
         "shutdown_timeout: !!float abc\n",
         "x-flag: !!bool maybe\n",
         "listen: !!timestamp x\n",
+        ALIAS_BOMB,
+        # Tags on a list or a mapping were dropped: each read as a plain one, exit 0.
+        'defaults:\n  scope: !!python/object/apply:os.system ["header:Authorization"]\n',
+        "defaults: !!python/object:idemproxy.settings.Config\n  ttl: 5s\n",
+        "defaults: !!set\n  ttl: 5s\n",
     ],
     ids=LOADER_BREAKERS,
 )
@@ -182,3 +195,16 @@ def test_an_empty_field_name_at_the_root_is_named() -> None:
     with pytest.raises(ConfigError) as caught:
         load_text("'': 1\nversion: 1\n", environ={})
     assert_config_errors_are_located(caught.value)
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
+    """SPEC 2: each error names, where known, the file line. A Latin-1 byte in a comment was
+    "cannot read the file: 'utf-8' codec can't decode byte 0xe9 in position 37" (found by the
+    hostile-input audit)."""
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"version: 1\nlisten: 127.0.0.1:8080\n# caf\xe9\nroutes: []\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(f"{path}:3: "), result.stderr
+    assert "UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr

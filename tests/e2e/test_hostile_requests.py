@@ -4,13 +4,16 @@ methods and paths (harness: hostile_harness)."""
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 
 import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import HOST
 from tests.hostile_harness import (
+    BOUND,
     FORBIDDEN_IN_FIELDS,
     FUZZ,
     KEY_REQUIRED,
@@ -392,6 +395,29 @@ def test_non_origin_form_request_targets(
     headers = [(b"Idempotency-Key", b"target-form-1")] if keyed else []
     request = build(method, target, headers, b"{}")
     assert_sane(exchange(proxy.port, request), request)
+
+
+@pytest.mark.parametrize("target", [b"/orders", b"/orders/1", b"evil.example:443"])
+def test_connect_is_refused_whatever_its_target(memory_harness: Harness, target: bytes) -> None:
+    """RFC 9110 9.3.6: CONNECT asks for a tunnel, and a reverse proxy opens none. One with a
+    path was forwarded (aiohttp's client sent it on as ``CONNECT <upstream host:port>``) and
+    the upstream's answer relayed (found by the hostile-input audit). The bytes after it may
+    be the tunnel's: the connection closes rather than read them as the next request."""
+    proxy = memory_harness.proxy(ROUTES)
+    request = build(b"CONNECT", target, [(b"Idempotency-Key", b"connect-1")])
+    reply = assert_sane(exchange(proxy.port, request), request)
+    assert (reply.status, reply.code) == (400, "invalid_request_target"), reply.body
+    tunnelled = b"GET /tunnelled HTTP/1.1\r\nHost: x\r\n\r\n"
+    everything = b""
+    with socket.create_connection((HOST, proxy.port), timeout=BOUND) as sock:
+        sock.sendall(b"CONNECT " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n" + tunnelled)
+        for _ in range(100):  # bounded: the proxy closes after one answer
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            everything += chunk
+    assert everything.count(b"HTTP/1.1 ") == 1, everything
+    assert not memory_harness.recorder.calls
 
 
 @pytest.mark.parametrize("target", [b"/x/../orders", b"/./orders", b"/x/%2e%2e/orders"])

@@ -724,6 +724,31 @@ async def test_an_upgrade_the_upstream_refuses_gets_the_upstreams_answer(
     assert received.count(b"HTTP/1.1 401 ") == 2  # the next request reached the same upstream
 
 
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+async def test_an_upgrade_asked_by_another_method_than_get_is_forwarded_as_that_method(
+    stack: contextlib.AsyncExitStack, method: str
+) -> None:
+    """RFC 6455 4.1: a WebSocket handshake is a GET. A POST with ``Upgrade: websocket`` was
+    opened upstream as a WebSocket, so the upstream got a GET without the body, and its answer
+    went back as the POST's (found by the hostile-input audit, a raw upstream's log)."""
+    seen: list[tuple[str, bytes, str | None]] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        seen.append((request.method, await request.read(), request.headers.get("Upgrade")))
+        return web.Response(status=200, text="plain")
+
+    proxy = await start_proxy(stack, await start_upstream(stack, single_route_app(record)))
+    received = await raw_exchange(
+        proxy.server.address[1],
+        f"{method} /ws HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: 5\r\n\r\nhello".encode(),
+    )
+    assert received.startswith(b"HTTP/1.1 200 "), received
+    assert received.endswith(b"plain")
+    assert seen == [(method, b"hello", None)]  # Upgrade is hop-by-hop: not forwarded
+
+
 # --- upstream down -----------------------------------------------------------------------------
 
 

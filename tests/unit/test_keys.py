@@ -510,8 +510,31 @@ def test_two_key_field_lines_are_invalid_even_when_they_agree(values: list[str])
         # a repeated member off the pointer's path does not matter
         (b'{"client_id": "a", "note": "x", "note": "y"}', "/client_id", "ok:a"),
         (b'{"client_id": "a", "x": {"client_id": "b"}}', "/client_id", "ok:a"),
+        # equal to Python, not in JSON: the last one was read as the key (hostile-input audit)
+        (b'{"client_id": true, "client_id": 1}', "/client_id", "invalid"),
+        (b'{"client_id": false, "client_id": 0}', "/client_id", "invalid"),
+        (b'{"client_id": 1.0, "client_id": 1}', "/client_id", "invalid"),
+        (b'{"order": {"id": true}, "order": {"id": 1}}', "/order/id", "invalid"),
+        (
+            b'{"order": {"id": "1", "n": [0]}, "order": {"id": "1", "n": [false]}}',
+            "/order/id",
+            "invalid",
+        ),
     ],
-    ids=["differs", "agrees", "escaped", "nested", "parent-repeated", "off-path", "elsewhere"],
+    ids=[
+        "differs",
+        "agrees",
+        "escaped",
+        "nested",
+        "parent-repeated",
+        "off-path",
+        "elsewhere",
+        "true-then-1",
+        "false-then-0",
+        "1.0-then-1",
+        "parent-true-then-1",
+        "parent-list-differs",
+    ],
 )
 def test_a_body_key_repeated_with_different_values_is_invalid(
     body: bytes, pointer: str, expected: str
