@@ -63,6 +63,15 @@ def extract_key(
                 f"send the {policy.query_name} query parameter once, not {len(values)} times",
             )
         return _validate(values[0], f"the {policy.query_name} query parameter")
+    codings = [
+        c.strip(" \t").lower() for line in header_lines("Content-Encoding") for c in line.split(",")
+    ]
+    if any(coding not in ("", "identity") for coding in codings):
+        # A gzip body the upstream decodes and reads its key from, while the proxy cannot: taken
+        # as "key absent", a route with an optional key would forward it unprotected.
+        return KeyProblem(
+            "invalid", "the body is content-coded: send it without Content-Encoding to be keyed"
+        )
     return _key_from_body(policy.pointer, body)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -590,6 +591,18 @@ async def test_key_from_body_json_pointer(
     for serial in (3, 4):
         bare = await send(http, proxy.url, "/users", key=None, body=b'{"n": 1}')
         assert_fresh_upstream_answer(bare, serial)
+    assert upstream.count() == 4
+    # A gzip body: the upstream would decode it and read client_id, the proxy cannot. It ran
+    # unprotected as "key absent" (found by the hostile-input audit); now it is refused.
+    coded = await send(
+        http,
+        proxy.url,
+        "/users",
+        key=None,
+        body=gzip.compress(b'{"client_id": "c-9"}'),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    assert_problem(coded, 400, "idempotency_key_invalid")
     assert upstream.count() == 4
 
 

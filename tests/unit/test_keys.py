@@ -210,6 +210,19 @@ def test_body_key_length_limit() -> None:
     assert kind(from_body(b'{"client_id": "%s"}' % (b"k" * 256))) == "invalid"
 
 
+@pytest.mark.parametrize("coding", ["gzip", "br", "identity, gzip"])
+def test_a_content_coded_body_key_is_invalid_not_absent(coding: str) -> None:
+    body = b'{"client_id": "c-1"}'
+    result = extract_key(
+        key_policy("body"), lines({"Content-Encoding": coding}), lines(NOTHING), body
+    )
+    assert kind(result) == "invalid"
+    plain = extract_key(
+        key_policy("body"), lines({"Content-Encoding": "identity"}), lines(NOTHING), body
+    )
+    assert kind(plain) == "ok:c-1"
+
+
 def test_body_key_ignores_headers() -> None:
     result = extract_key(
         key_policy("body"), lines({"Idempotency-Key": "from-header"}), lines(NOTHING), b"{}"
