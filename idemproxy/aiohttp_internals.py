@@ -124,13 +124,13 @@ class VerbatimStreamResponse(web.StreamResponse):
         version = request.version
         if version != HttpVersion10:  # HTTP/1.1, or the 400 to a "HTTP/2.0" request line
             version = HttpVersion11
-        status_line = f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}"
+        status_line = f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}"
         # aiohttp's serialisation (UTF-8) first: its checks (no CR or LF) and its hook run. Its
         # bytes are ASCII exactly when the text is: the usual head is checked in one C call
         # (checking the text instead cost ~6k instructions a response).
-        await writer.write_headers(status_line, self.headers)
+        await writer.write_headers(status_line, self._headers)
         if writer._headers_buf is not None and not writer._headers_buf.isascii():
-            lines = [status_line, *(f"{n}: {v}" for n, v in self.headers.items()), "", ""]
+            lines = [status_line, *(f"{n}: {v}" for n, v in self._headers.items()), "", ""]
             # Text of the proxy's own beyond latin-1 (none is known) stays UTF-8.
             with contextlib.suppress(UnicodeEncodeError):
                 replace_serialised_head(writer, "\r\n".join(lines).encode("latin-1"))

@@ -137,17 +137,18 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
         if self.heads_parsed != heads_before:
             self._head_deadline = None
             self._head_started = False
-            self._refuse_open_body()
+            refusal = self.newest_refusal
+            if refusal is not None:
+                self._refuse_open_body(refusal)
             self._newest_body = self.newest_request_body
 
-    def _refuse_open_body(self) -> None:
+    def _refuse_open_body(self, refusal: BaseException) -> None:
         """The parser refused bytes inside a body whose head it returned earlier (a malformed
         chunk): aiohttp queues the refusal as a next message and leaves that body open forever.
         The body is failed with the problem instead, so the handler reading it answers 400 (or
         431) and closes the connection; the queued refusal is never served."""
-        refusal = self.newest_refusal
         body = self._newest_body
-        if refusal is None or body is EMPTY_PAYLOAD or body.is_eof() or body.exception():
+        if body is EMPTY_PAYLOAD or body.is_eof() or body.exception():
             return
         body.set_exception(parser_refusal(refusal))
         self.stop_lingering()

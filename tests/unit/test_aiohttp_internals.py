@@ -136,6 +136,9 @@ def test_every_internal_named_exists_on_the_installed_aiohttp() -> None:
     assert callable(getattr(web.StreamResponse, "_prepare_headers", None))
     assert callable(getattr(web.StreamResponse, "_write_headers", None))
     assert isinstance(web.StreamResponse._send_headers_immediately, bool)
+    # VerbatimStreamResponse._write_headers reads the status line and headers from these.
+    made = web.StreamResponse(status=201, reason="Made")
+    assert (made._status, made._reason, made._headers) == (201, "Made", made.headers)
     # VerbatimClientRequest: the client sends its head from write_bytes' first write.
     parameters = list(inspect.signature(aiohttp.ClientRequest.write_bytes).parameters)
     assert parameters[:3] == ["self", "writer", "conn"], parameters
