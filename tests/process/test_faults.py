@@ -80,16 +80,21 @@ class ProxyProcess:
                 self.process.wait()
 
 
-@pytest.fixture
-def policy(tmp_path: Path) -> Path:
+def required_key_policy(tmp_path: Path, lock_ttl: float) -> Path:
+    """A policy file keying POST /orders with a required key and this ``lock_ttl``."""
     path = tmp_path / "policy.yaml"
     path.write_text(
         "routes:\n"
         "  - match: {methods: [POST], path: /orders}\n"
         "    key: {required: true}\n"
-        "    lock_ttl: 1s\n"
+        f"    lock_ttl: {lock_ttl:g}s\n"
     )
     return path
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    return required_key_policy(tmp_path, lock_ttl=1)
 
 
 @pytest.fixture
@@ -263,11 +268,7 @@ async def test_a_slow_call_keeps_its_lease_through_a_store_outage_shorter_than_l
     renewals due in the first ``lock_ttl`` and back with under a third of the lease left: the
     live holder must renew it then, not a whole ``lock_ttl / 3`` after its last failed try."""
     lock_ttl = 9.0
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: true}\n"
-        f"    lock_ttl: {lock_ttl:g}s\n"
-    )
+    policy = required_key_policy(tmp_path, lock_ttl=lock_ttl)
     holder, other = await two_proxies(policy, upstream, redis_aof, proxies, http)
     key = "renewed-across-an-outage"
     slow = await started_upstream_call(http, holder, upstream, key, delay=lock_ttl + 3)
@@ -300,11 +301,7 @@ async def test_a_completion_retried_in_the_background_lands_in_the_last_second_o
     in its NOPERM error count) from before the upstream answers until a failed try sees under
     a second of the lease left; then it takes them again. Retries a second apart came next
     only once the lease had expired: the record was lost and a retry ran the request again."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: true}\n"
-        "    lock_ttl: 6s\n"
-    )
+    policy = required_key_policy(tmp_path, lock_ttl=6)
     proxy = ProxyProcess(policy, upstream.url, redis_aof.url)
     proxies.append(proxy)
     await proxy.ready(http)
@@ -348,11 +345,7 @@ async def test_redis_crash_and_restart_mid_traffic_loses_no_record(
     proxies: list[ProxyProcess],
     http: aiohttp.ClientSession,
 ) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: true}\n"
-        "    lock_ttl: 10s\n"
-    )
+    policy = required_key_policy(tmp_path, lock_ttl=10)
     proxy = ProxyProcess(policy, upstream.url, redis_aof.url)
     proxies.append(proxy)
     await proxy.ready(http)

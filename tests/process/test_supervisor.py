@@ -347,6 +347,20 @@ async def test_sighup_is_forwarded_to_every_worker(
     assert await status(http, f"http://{HOST}:{admin}/healthz") == 200
 
 
+REQUIRED_KEY = "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: %s}\n"
+
+
+async def start_two_workers(
+    policy: Path, upstream: Upstream, redis: RedisProcess, started: list[CliProcess]
+) -> tuple[CliProcess, int, int]:
+    """``run --workers 2 -c policy``: the process, its listen port and its admin port."""
+    listen, admin = free_port(), free_port()
+    args = run_args(upstream.url, redis.url, listen, admin)
+    proc = await CliProcess(*args, "-c", str(policy)).start()
+    started.append(proc)
+    return proc, listen, admin
+
+
 async def test_a_sighup_while_workers_start_reaches_them_once_they_serve(
     redis_server: RedisProcess,
     upstream: Upstream,
@@ -358,17 +372,13 @@ async def test_a_sighup_while_workers_start_reaches_them_once_they_serve(
     ends it. Before, a reload sent while the workers started killed them (exit -1, counted
     towards giving up); now the supervisor holds the SIGHUP until each worker says it serves."""
     policy = tmp_path / "policy.yaml"
-    route = "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: %s}\n"
-    policy.write_text(route % "true")
-    listen, admin = free_port(), free_port()
-    args = run_args(upstream.url, redis_server.url, listen, admin)
-    proc = await CliProcess(*args, "-c", str(policy)).start()
-    started.append(proc)
+    policy.write_text(REQUIRED_KEY % "true")
+    proc, listen, admin = await start_two_workers(policy, upstream, redis_server, started)
     await proc.wait_for(lambda: len(worker_pids(proc)) == 2, "both workers spawned")
     # Spawned, not yet serving (a worker takes a good part of a second to import and listen):
     # the case under test. Checked, so that the test cannot pass without reaching it.
     assert not proc.messages("idemproxy worker started")
-    policy.write_text(route % "false")
+    policy.write_text(REQUIRED_KEY % "false")
     os.kill(proc.pid, signal.SIGHUP)
 
     await proc.wait_for(lambda: len(proc.messages("policy reloaded")) == 2, "both reloads")
@@ -392,16 +402,12 @@ async def test_a_worker_restarted_after_a_reload_serves_the_reloaded_policy(
     dead worker with the policy of its own start, so about half of the connections got the old
     one again (here: 400 idempotency_key_missing for a key that is no longer required)."""
     policy = tmp_path / "policy.yaml"
-    route = "routes:\n  - match: {methods: [POST], path: /orders}\n    key: {required: %s}\n"
-    policy.write_text(route % "true")
-    listen, admin = free_port(), free_port()
-    args = run_args(upstream.url, redis_server.url, listen, admin)
-    proc = await CliProcess(*args, "-c", str(policy)).start()
-    started.append(proc)
+    policy.write_text(REQUIRED_KEY % "true")
+    proc, listen, admin = await start_two_workers(policy, upstream, redis_server, started)
     health = f"http://{HOST}:{admin}/healthz"
     await wait_status(http, proc, health, 200)
 
-    policy.write_text(route % "false")
+    policy.write_text(REQUIRED_KEY % "false")
     os.kill(proc.pid, signal.SIGHUP)
     await proc.wait_for(lambda: len(proc.messages("policy reloaded")) == 2, "two reloads")
     os.kill(worker_pids(proc)[0], signal.SIGKILL)
