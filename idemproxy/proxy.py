@@ -201,6 +201,9 @@ class KeyedProxy:
                     # framed in a way the proxy does not follow.
                     response.force_close()
             status = response.status
+            if not response.prepared and request.transport is None:
+                # The client went away while its answer was being made: nobody will read it.
+                status = CLIENT_CLOSED_REQUEST
             return response
         except ClientGone:
             status = CLIENT_CLOSED_REQUEST

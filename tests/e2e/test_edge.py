@@ -216,6 +216,48 @@ async def test_a_client_gone_mid_body_is_a_499_with_nothing_forwarded_and_no_tra
     assert 'outcome="store_error"' not in metrics
 
 
+@pytest.mark.parametrize("path", ["/orders", "/off", "/unmatched"])
+async def test_a_client_gone_while_the_upstream_works_is_logged_as_499(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    store_url: str,
+    path: str,
+) -> None:
+    """README (Logs): a request whose client went away before its answer is logged with status
+    499. A client that sent its whole request and left while the upstream worked was logged
+    with the upstream's 201, as if it had been answered (found by the workers audit: raw
+    sockets closed mid-wait through ``run --workers 2``). A keyed one still ran and was stored,
+    so its retry is the replay."""
+    caplog.set_level(logging.INFO, logger="idemproxy")
+    proxy = await make_proxy(KEYED, store=store_url)
+    _, writer = await open_raw(proxy)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nIdempotency-Key: left\r\n"
+        "X-Test-Delay: 2\r\nContent-Length: 2\r\n\r\n{}".encode()
+    )
+    await writer.drain()
+    for _ in range(int(BOUND / 0.02)):
+        if upstream.count() == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.count() == 1
+    writer.transport.abort()  # gone while the upstream works (it answers 2 s later)
+    await _wait_for_access_lines(caplog, 1)
+    (line,) = _access_lines(caplog)
+    assert line["status"] == 499
+    assert line["outcome"] == ("new" if path == "/orders" else "passthrough")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    if path == "/orders":
+        async with http.post(
+            proxy.url + path, data=b"{}", headers={"Idempotency-Key": "left"}
+        ) as response:
+            assert response.status == 201
+            assert response.headers["Idempotent-Replayed"] == "true"
+        assert upstream.count() == 1
+
+
 def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return [r.fields for r in caplog.records if r.name == "idemproxy.access"]  # type: ignore[attr-defined]
 
