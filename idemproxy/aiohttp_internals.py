@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -74,6 +75,23 @@ class InspectableRequestHandler(RequestHandler):
     def closing(self) -> bool:
         """Whether the connection is already set to close (after the current answer or now)."""
         return self._force_close or self._close
+
+    @contextlib.contextmanager
+    def parsing_through_shutdown(self) -> Iterator[None]:
+        """Within this, ``data_received`` parses what arrives although ``shutdown`` began.
+
+        aiohttp's runner sets every connection to close (``Server.pre_shutdown``, then
+        ``shutdown``) before it waits for the request in flight, and ``data_received`` drops
+        every byte while ``_close`` or ``_force_close`` is set: the rest of a body still
+        arriving never reached its handler, which could only wait for the drain deadline.
+        """
+        closing = (self._close, self._force_close)
+        self._close = self._force_close = False
+        try:
+            yield
+        finally:
+            self._close |= closing[0]
+            self._force_close |= closing[1]
 
 
 def server_loop(server: web.Server) -> asyncio.AbstractEventLoop:

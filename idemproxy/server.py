@@ -87,6 +87,7 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
     """
 
     __slots__ = (
+        "_draining",
         "_head_deadline",
         "_head_started",
         "_head_timer",
@@ -117,6 +118,7 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
         # The body of the newest request whose head arrived; once complete, a byte that
         # arrives starts the next head.
         self._newest_body: StreamReader = EMPTY_PAYLOAD
+        self._draining = False  # shutdown began: the request in flight may still finish
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -133,7 +135,11 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
             if self._head_deadline is None:  # else: the deadline since the connection opened
                 self._await_head(self.loop.time() + self._header_timeout)
         heads_before = self.heads_parsed
-        super().data_received(data)
+        if self._draining and self._body_arriving():
+            with self.parsing_through_shutdown():
+                super().data_received(data)
+        else:
+            super().data_received(data)
         if self.heads_parsed != heads_before:
             self._head_deadline = None
             self._head_started = False
@@ -141,6 +147,15 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
             if refusal is not None:
                 self._refuse_open_body(refusal)
             self._newest_body = self.newest_request_body
+
+    def _body_arriving(self) -> bool:
+        body = self._newest_body
+        return not body.is_eof() and body.exception() is None
+
+    def begin_draining(self) -> None:
+        """The server stops: the body of the request in flight still arrives (SIGTERM lets
+        in-flight requests finish, an upload still under way included)."""
+        self._draining = True
 
     def _refuse_open_body(self, refusal: BaseException) -> None:
         """The parser refused bytes inside a body whose head it returned earlier (a malformed
@@ -223,6 +238,14 @@ class HeadTimeoutServer(web.Server):
         self._header_timeout = header_timeout
         self._timeout = request_timeout(header_timeout)
         self._on_refused = on_refused
+
+    def pre_shutdown(self) -> None:
+        """aiohttp sets every connection to close here, which drops the bytes that arrive
+        after; each is told first that the body of its request in flight still counts."""
+        for connection in self.connections:
+            if isinstance(connection, HeadTimeoutRequestHandler):
+                connection.begin_draining()
+        super().pre_shutdown()
 
     def __call__(self) -> HeadTimeoutRequestHandler:
         return HeadTimeoutRequestHandler(

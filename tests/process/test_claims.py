@@ -751,6 +751,56 @@ async def test_readyz_says_stopping_while_sigterm_drains(
     assert code == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_lets_an_upload_under_way_finish(
+    tmp_path: Path,
+    redis_server: RedisProcess,
+    recorder: RecordingUpstream,
+    proxies: list[ProxyProcess],
+    prefix: str,
+    workers: int,
+) -> None:
+    """SPEC 2: SIGTERM lets in-flight requests finish. A keyed request whose body was still
+    arriving never did: aiohttp sets every connection to close before it drains and then drops
+    the bytes that arrive, so its handler waited for the rest of the body until
+    shutdown_timeout, and the client got a closed connection (access line 499). Found by the
+    workers audit (raw sockets, half a body sent before SIGTERM, the rest after)."""
+    policy = write_policy(tmp_path / "policy.yaml", prefix, "", top="shutdown_timeout: 30s\n")
+    proxy = ProxyProcess(policy, redis_server.url, workers=workers, upstream=recorder.url)
+    proxies.append(proxy)
+    uploads = 4  # connections: the kernel spreads them over the workers
+    async with aiohttp.ClientSession() as http:
+        await proxy.ready(http)
+        streams = []
+        for n in range(uploads):
+            reader, writer = await asyncio.open_connection(HOST, proxy.port)
+            writer.write(
+                f"POST /orders HTTP/1.1\r\nHost: {HOST}\r\nIdempotency-Key: upload-{n}\r\n"
+                "Content-Length: 10\r\nExpect: 100-continue\r\n\r\n".encode()
+            )
+            # "100 Continue": the request is in flight and its handler reads the body now.
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND)
+            assert head.startswith(b"HTTP/1.1 100 "), head
+            writer.write(b"01234")
+            streams.append((reader, writer))
+        proxy.process.send_signal(signal.SIGTERM)
+        await proxy.until(
+            lambda: len(proxy.events("idemproxy shutting down")) >= (workers + (workers > 1)),
+            "every process stopping",
+        )
+        await asyncio.sleep(0.5)  # let the drain begin (sooner would only make this pass)
+        answers = []
+        for reader, writer in streams:
+            writer.write(b"56789")
+            answers.append(await asyncio.wait_for(reader.read(), BOUND))
+            writer.close()
+        code = await asyncio.to_thread(proxy.process.wait, BOUND)
+    assert [answer.split(b"\r\n", 1)[0] for answer in answers] == [b"HTTP/1.1 201 Created"] * 4
+    assert sorted(e.key for e in recorder.executions) == [f"upload-{n}" for n in range(uploads)]
+    assert sorted(line["status"] for line in proxy.log() if "status" in line) == [201] * 4
+    assert code == 0
+
+
 # --- fail_open counts as store_error ------------------------------------------------------------
 
 

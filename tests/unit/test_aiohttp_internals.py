@@ -130,6 +130,8 @@ def test_every_internal_named_exists_on_the_installed_aiohttp() -> None:
         assert name in slots, f"aiohttp's RequestHandler no longer has {name}"
     assert "_close" in slots
     assert "_lingering_time" in slots
+    # server.py marks its connections as draining here, before aiohttp sets them to close.
+    assert callable(getattr(web.Server, "pre_shutdown", None))
     # A refusal queued as a message carries the parser's error (newest_refusal).
     refused = ValueError("refused")
     assert _ErrInfo(status=400, exc=refused, message="m").exc is refused
