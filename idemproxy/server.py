@@ -149,6 +149,10 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
             self._newest_body = self.newest_request_body
 
     def _body_arriving(self) -> bool:
+        """Whether the request in flight still reads from the client: its body is not
+        complete, or it is a WebSocket (or another upgrade) whose frames are relayed."""
+        if self.carries_frames:
+            return True
         body = self._newest_body
         return not body.is_eof() and body.exception() is None
 

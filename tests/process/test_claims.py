@@ -801,6 +801,50 @@ async def test_sigterm_lets_an_upload_under_way_finish(
     assert code == 0
 
 
+async def test_sigterm_keeps_relaying_what_a_websocket_client_sends_while_it_drains(
+    tmp_path: Path, redis_server: RedisProcess, proxies: list[ProxyProcess], prefix: str
+) -> None:
+    """The same drop as above, for a WebSocket open at SIGTERM: it stayed open for the drain,
+    but the messages its client sent meanwhile were dropped without a word, and the deadline
+    then closed it with 1000 (normal closure). Found by the workers audit (an echo upstream:
+    no echo came for a message sent after SIGTERM)."""
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for message in socket:
+            await socket.send_str(f"echo:{message.data}")
+        return socket
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    upstream = TestServer(app, host=HOST, port=free_port())
+    await upstream.start_server()
+    try:
+        policy = write_policy(tmp_path / "policy.yaml", prefix, "", top="shutdown_timeout: 30s\n")
+        proxy = ProxyProcess(
+            policy, redis_server.url, workers=2, upstream=f"http://{HOST}:{upstream.port}"
+        )
+        proxies.append(proxy)
+        async with aiohttp.ClientSession() as http:
+            await proxy.ready(http)
+            async with http.ws_connect(proxy.url + "/ws") as socket:
+                await socket.send_str("before")
+                assert (await socket.receive(timeout=BOUND)).data == "echo:before"
+                proxy.process.send_signal(signal.SIGTERM)
+                await proxy.until(
+                    lambda: len(proxy.events("idemproxy shutting down")) >= 3,
+                    "every process stopping",
+                )
+                await asyncio.sleep(0.5)  # let the drain begin (sooner would only make this pass)
+                await socket.send_str("during")
+                assert (await socket.receive(timeout=BOUND)).data == "echo:during"
+            code = await asyncio.to_thread(proxy.process.wait, BOUND)
+    finally:
+        await upstream.close()
+    assert code == 0
+
+
 # --- fail_open counts as store_error ------------------------------------------------------------
 
 
