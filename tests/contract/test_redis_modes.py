@@ -288,3 +288,22 @@ async def test_password_from_the_url_or_the_environment() -> None:
                 await wrong.close()
         finally:
             server.stop()
+
+
+async def test_sentinel_reads_the_database_and_options_from_the_url_query(
+    sentinel: SentinelSetup,
+) -> None:
+    """Sentinel mode read only the URL's path: ``?db=4`` (which wins over the path, as on a
+    standalone URL) was ignored and every record landed in database 0."""
+    config = load_text(
+        f"store:\n  url: 'redis://{HOST}:{sentinel.master.port}/1?db=4&socket_keepalive=true'\n"
+        "  mode: sentinel\n  service_name: mymaster\n"
+        f"  sentinels: ['{HOST}:{sentinel.sentinel_port}']\n"
+    ).store
+    store = RedisStore(config)
+    try:
+        assert await store.acquire("idem:query-db", "fp", "t", 30.0) is None
+    finally:
+        await store.close()
+    assert cli(sentinel.master.port, "-n", "4", "exists", "idem:query-db").strip() == "1"
+    assert cli(sentinel.master.port, "-n", "1", "dbsize").strip() == "0"
