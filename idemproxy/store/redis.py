@@ -476,6 +476,18 @@ class _RedisPy:
         return deleted
 
     async def ping(self) -> None:
+        if isinstance(self._redis, RedisCluster):
+            # A PING to one node answers while a dead master's slots refuse every key
+            # (CLUSTERDOWN): every master must answer and see the cluster serving.
+            answers: dict[str, Any] = await self._bounded(
+                self._redis.cluster_info(target_nodes=RedisCluster.PRIMARIES)
+            )
+            if not all(isinstance(a, dict) for a in answers.values()):
+                answers = {"": answers}  # the one answer of a 1-master cluster
+            for node, info in answers.items():
+                if info.get("cluster_state") != "ok":
+                    raise ConnectionError(f"cluster_state {info.get('cluster_state')} at {node}")
+            return
         await self._bounded(self._redis.ping())
 
     async def close(self) -> None:

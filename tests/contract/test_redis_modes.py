@@ -7,6 +7,7 @@ followed without a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import signal
@@ -65,8 +66,9 @@ def cli(port: int, *args: str) -> str:
     ).stdout
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[list[int]]:
+@contextlib.contextmanager
+def three_masters() -> Iterator[list[RedisProcess]]:
+    """A 3-master cluster (no replicas) on loopback; its nodes are stopped by PID."""
     with tempfile.TemporaryDirectory() as workdir:
         nodes = [
             RedisProcess(
@@ -98,10 +100,23 @@ def cluster() -> Iterator[list[int]]:
             while "cluster_state:ok" not in cli(ports[0], "cluster", "info"):
                 assert time.monotonic() < deadline, "cluster did not form"
                 time.sleep(0.2)
-            yield ports
+            yield nodes
         finally:
             for node in nodes:
                 node.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[int]]:
+    with three_masters() as nodes:
+        yield [node.port for node in nodes]
+
+
+@pytest.fixture
+def private_cluster() -> Iterator[list[RedisProcess]]:
+    """A cluster of this test's own: the test kills one of its masters."""
+    with three_masters() as nodes:
+        yield nodes
 
 
 async def test_cluster_store_spreads_keys_over_slots_and_keeps_the_contract(
@@ -307,3 +322,43 @@ async def test_sentinel_reads_the_database_and_options_from_the_url_query(
         await store.close()
     assert cli(sentinel.master.port, "-n", "4", "exists", "idem:query-db").strip() == "1"
     assert cli(sentinel.master.port, "-n", "1", "dbsize").strip() == "0"
+
+
+async def _readyz_until(http: aiohttp.ClientSession, url: str, wanted: int) -> None:
+    seen: list[int] = []
+    for _ in range(100):  # at most about 30 s (each probe is bounded by the proxy's 2 s)
+        async with http.get(url) as response:
+            if response.status == wanted:
+                return
+            seen.append(response.status)
+        await asyncio.sleep(0.1)
+    pytest.fail(f"{url} never answered {wanted}: {Counter(seen)}")
+
+
+async def test_readyz_follows_a_cluster_master_down_and_back_up(
+    private_cluster: list[RedisProcess],
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Before, /readyz sent one PING to one node: it answered 200 for minutes after a master
+    died while the cluster refused every key (CLUSTERDOWN) and every keyed request got 503."""
+    proxy = await make_proxy(
+        "store: {mode: cluster}\n", store=f"redis://{HOST}:{private_cluster[0].port}/0"
+    )
+    ready = proxy.admin_url + "/readyz"
+    await _readyz_until(http, ready, 200)
+    victim = private_cluster[2]
+    assert victim.process is not None
+    victim.process.kill()
+    await asyncio.to_thread(victim.process.wait, 10)
+    victim.process = None
+    await _readyz_until(http, ready, 503)
+    await asyncio.to_thread(victim.start)  # the same port and cluster config, data lost
+    await _readyz_until(http, ready, 200)
+    statuses = []
+    for i in range(6):  # ready means every master serves: keys of every slot run
+        headers = {"Idempotency-Key": f"back-{i}"}
+        async with http.post(proxy.url + "/orders", data=b"x", headers=headers) as response:
+            statuses.append(response.status)
+    assert statuses == [201] * 6
