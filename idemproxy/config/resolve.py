@@ -360,7 +360,8 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: Builder, source: str | No
     if error:
         b.problem("--store" if flags.store else "store.url", error)
     mode: StoreMode = _given(st_run.mode)
-    if not error and mode == "cluster" and _database(store_url):
+    scheme = urlsplit(store_url).scheme
+    if not error and mode == "cluster" and scheme in ("redis", "rediss") and _database(store_url):
         # redis-py refuses it when the client is made: run died with a traceback.
         b.problem(
             "--store" if flags.store else "store.url",
