@@ -294,6 +294,13 @@ def _store_url(url: str) -> str | None:
     return None
 
 
+def _database(url: str) -> int:
+    """The database a store URL that ``_store_url`` passed names (``?db=`` wins over the path)."""
+    from redis.asyncio.connection import parse_url
+
+    return int(parse_url(url).get("db") or 0)
+
+
 def _http_url(url: str, expected: str, name: str) -> str | None:
     """What is wrong with an http:// or https:// URL the proxy connects to, or None."""
     parts = urlsplit(url)
@@ -353,6 +360,13 @@ def _resolve(doc: PolicyDocument, flags: Overrides, b: Builder, source: str | No
     if error:
         b.problem("--store" if flags.store else "store.url", error)
     mode: StoreMode = _given(st_run.mode)
+    scheme = urlsplit(store_url).scheme
+    if not error and mode == "cluster" and scheme in ("redis", "rediss") and _database(store_url):
+        # redis-py refuses it when the client is made: run died with a traceback.
+        b.problem(
+            "--store" if flags.store else "store.url",
+            "Redis Cluster has only database 0: leave the database out of the URL or write 0",
+        )
     sentinels = _sentinels(mode, st, store_url, b)
     _wait_replicas(st, store_url, b)
 

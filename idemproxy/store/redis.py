@@ -33,10 +33,11 @@ import re
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import PipelineCommand, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -368,18 +369,19 @@ class _RedisPy:
         if config.mode == "cluster":
             return RedisCluster.from_url(config.url, **timeouts)
         if config.mode == "sentinel":
-            parts = urlsplit(config.url)
+            # The URL's host and port are the sentinels' business; everything else in it
+            # (credentials, database, ?db=, ?password= and the other options) is read by
+            # redis-py's own parser, as for a standalone URL.
+            options: dict[str, Any] = dict(parse_url(config.url))
+            for name in ("host", "port", "connection_class"):
+                options.pop(name, None)
             self._sentinel = Sentinel(
                 list(config.sentinels),
                 sentinel_kwargs={"socket_timeout": STORE_TIMEOUT},
                 **timeouts,
             )
             master: aioredis.Redis = self._sentinel.master_for(
-                config.service_name,
-                username=unquote(parts.username) if parts.username else None,
-                password=unquote(parts.password) if parts.password else None,
-                db=int(parts.path.strip("/") or "0"),
-                ssl=parts.scheme == "rediss",
+                config.service_name, ssl=urlsplit(config.url).scheme == "rediss", **options
             )
             return master
         return aioredis.Redis.from_url(config.url, **timeouts)
@@ -474,6 +476,18 @@ class _RedisPy:
         return deleted
 
     async def ping(self) -> None:
+        if isinstance(self._redis, RedisCluster):
+            # A PING to one node answers while a dead master's slots refuse every key
+            # (CLUSTERDOWN): every master must answer and see the cluster serving.
+            answers: dict[str, Any] = await self._bounded(
+                self._redis.cluster_info(target_nodes=RedisCluster.PRIMARIES)
+            )
+            if not all(isinstance(a, dict) for a in answers.values()):
+                answers = {"": answers}  # the one answer of a 1-master cluster
+            for node, info in answers.items():
+                if info.get("cluster_state") != "ok":
+                    raise ConnectionError(f"cluster_state {info.get('cluster_state')} at {node}")
+            return
         await self._bounded(self._redis.ping())
 
     async def close(self) -> None:

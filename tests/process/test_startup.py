@@ -178,6 +178,26 @@ def test_check_refuses_a_store_url_that_run_cannot_use_and_run_says_the_same(
     assert "hunter2" not in checked.stderr
 
 
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6390/3", "redis://127.0.0.1:6390/0?db=2"])
+def test_check_refuses_a_database_other_than_0_in_cluster_mode_and_run_says_the_same(
+    tmp_path: Path, url: str
+) -> None:
+    """Before, ``check`` passed it and ``run`` died with redis-py's traceback ("Argument 'db'
+    must be 0 or None in cluster mode"): a Cluster has database 0 only."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"upstream: {{url: 'http://127.0.0.1:1'}}\nstore: {{url: '{url}', mode: cluster}}\n"
+    )
+    checked = run_cli("check", "-c", str(policy))
+    assert checked.returncode == 1, checked.stdout
+    assert checked.stderr.startswith(f"{policy}:2: store.url: "), checked.stderr
+    assert "database 0" in checked.stderr
+    listen, admin = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
+    ran = run_cli("run", "-c", str(policy), "--listen", listen, "--admin", admin)
+    assert ran.returncode == 1
+    assert ran.stderr == checked.stderr
+
+
 # --- failures at start are log lines ---------------------------------------------------------
 
 
