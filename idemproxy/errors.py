@@ -88,10 +88,12 @@ class AnswerCutShort(IdemproxyError):
 
 
 class ClientGone(IdemproxyError):
-    """The client went away (reset, or closed its end) before its request body was complete.
+    """The client went away (reset, or closed its end) before its request body was complete,
+    or before the head of a streamed answer could go out.
 
     Routine traffic, not a bug: no answer can reach the client, so the request ends with
-    status 499 in the access line, no traceback, and nothing forwarded on a keyed route.
+    status 499 in the access line, no traceback, and (body incomplete) nothing forwarded on a
+    keyed route.
     """
 
 
