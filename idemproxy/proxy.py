@@ -200,6 +200,9 @@ class KeyedProxy:
                     # Bytes after it are a body the proxy did not read, a tunnel's data, or
                     # framed in a way the proxy does not follow.
                     response.force_close()
+            if request.transport is None and not response.prepared:
+                # The client went away while its answer was made: nobody will read it.
+                raise ClientGone("the client went away before its answer")
             status = response.status
             return response
         except ClientGone:
