@@ -111,7 +111,7 @@ async def relay(
     try:
         await response.prepare(request)
     except ConnectionError as exc:  # gone while the upstream was slow to start: nothing sent
-        raise ClientGone(str(exc) or type(exc).__name__) from exc
+        raise ClientGone(str(exc) or type(exc).__name__, answered=True) from exc
     try:
         if first:
             await response.write(first)
