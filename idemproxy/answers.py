@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from idemproxy.aiohttp_internals import VerbatimResponse, VerbatimStreamResponse
-from idemproxy.errors import AnswerCutShort, ProblemError, UpstreamFailure
+from idemproxy.errors import AnswerCutShort, ClientGone, ProblemError, UpstreamFailure
 from idemproxy.records import StoredResponse
 from idemproxy.upstream import Exchange
 
@@ -108,7 +108,10 @@ async def relay(
     response = VerbatimStreamResponse(status=status, reason=reason)
     for name, value in headers:
         response.headers.add(name, value)
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except ConnectionError as exc:  # gone while the upstream was slow to start: nothing sent
+        raise ClientGone(str(exc) or type(exc).__name__, answered=True) from exc
     try:
         if first:
             await response.write(first)

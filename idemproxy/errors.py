@@ -88,11 +88,18 @@ class AnswerCutShort(IdemproxyError):
 
 
 class ClientGone(IdemproxyError):
-    """The client went away (reset, or closed its end) before its request body was complete.
+    """The client went away (reset, or closed its end) before its request body was complete,
+    or (``answered``) after its request was handled but before its answer could go out.
 
     Routine traffic, not a bug: no answer can reach the client, so the request ends with
-    status 499 in the access line, no traceback, and nothing forwarded on a keyed route.
+    status 499 in the access line and no traceback. Before its body was complete nothing is
+    forwarded on a keyed route (outcome ``client_gone``); an ``answered`` request keeps the
+    outcome it had (``new``, ``passthrough`` ...): the upstream did run it.
     """
+
+    def __init__(self, message: str, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 class ProblemError(IdemproxyError):

@@ -200,14 +200,18 @@ class KeyedProxy:
                     # Bytes after it are a body the proxy did not read, a tunnel's data, or
                     # framed in a way the proxy does not follow.
                     response.force_close()
+            if request.transport is None and not response.prepared:
+                # The client went away while its answer was made: nobody will read it.
+                raise ClientGone("the client went away before its answer", answered=True)
             status = response.status
             if not response.prepared and request.transport is None:
                 # The client went away while its answer was being made: nobody will read it.
                 status = CLIENT_CLOSED_REQUEST
             return response
-        except ClientGone:
+        except ClientGone as gone:
             status = CLIENT_CLOSED_REQUEST
-            trace.outcome = Outcome.CLIENT_GONE
+            if not gone.answered:
+                trace.outcome = Outcome.CLIENT_GONE
             if request.transport is not None:
                 request.transport.close()
             # Nobody is left to read it: aiohttp's attempt to send it ends quietly.
