@@ -204,9 +204,6 @@ class KeyedProxy:
                 # The client went away while its answer was made: nobody will read it.
                 raise ClientGone("the client went away before its answer", answered=True)
             status = response.status
-            if not response.prepared and request.transport is None:
-                # The client went away while its answer was being made: nobody will read it.
-                status = CLIENT_CLOSED_REQUEST
             return response
         except ClientGone as gone:
             status = CLIENT_CLOSED_REQUEST
