@@ -687,6 +687,35 @@ async def test_sigterm_settles_every_request_cut_off_at_the_deadline(
         assert_settled_as_ambiguous(retry)
 
 
+def draining_proxy(
+    tmp_path: Path,
+    prefix: str,
+    redis: RedisProcess,
+    proxies: list[ProxyProcess],
+    workers: int,
+    upstream: str,
+) -> ProxyProcess:
+    """A proxy process (``workers`` of them) whose drain outlasts every test step
+    (``shutdown_timeout: 30s``)."""
+    policy = write_policy(tmp_path / "policy.yaml", prefix, "", top="shutdown_timeout: 30s\n")
+    proxy = ProxyProcess(policy, redis.url, workers=workers, upstream=upstream)
+    proxies.append(proxy)
+    return proxy
+
+
+async def sigterm_with_one_held(
+    http: aiohttp.ClientSession, proxy: ProxyProcess, recorder: RecordingUpstream, key: str
+) -> tuple[asyncio.Task[Answer], asyncio.Event]:
+    """Once the proxy is ready, a keyed request that the upstream holds, then SIGTERM: the
+    request's task, still in flight, and the event that lets the upstream answer it."""
+    hold = recorder.hold = asyncio.Event()
+    await proxy.ready(http)
+    in_flight = asyncio.create_task(post(http, proxy.url, key))
+    await asyncio.wait_for(recorder.arrived.wait(), BOUND)
+    proxy.process.send_signal(signal.SIGTERM)
+    return in_flight, hold
+
+
 async def test_workers_sigterm_with_a_request_held_past_the_deadline_exits_0(
     tmp_path: Path,
     redis_server: RedisProcess,
@@ -702,12 +731,8 @@ async def test_workers_sigterm_with_a_request_held_past_the_deadline_exits_0(
     )
     proxy = ProxyProcess(policy, redis_server.url, workers=2, upstream=recorder.url)
     proxies.append(proxy)
-    recorder.hold = asyncio.Event()
     async with aiohttp.ClientSession() as http:
-        await proxy.ready(http)
-        in_flight = asyncio.create_task(post(http, proxy.url, "held-in-a-worker"))
-        await asyncio.wait_for(recorder.arrived.wait(), BOUND)
-        proxy.process.send_signal(signal.SIGTERM)
+        in_flight, _ = await sigterm_with_one_held(http, proxy, recorder, "held-in-a-worker")
         code = await asyncio.to_thread(proxy.process.wait, 2 * 6 + BOUND)
         await asyncio.wait_for(in_flight, BOUND)
     (stopped,) = [e for e in proxy.events("idemproxy stopped") if "worker_exit_codes" in e]
@@ -727,15 +752,9 @@ async def test_readyz_says_stopping_while_sigterm_drains(
     """From SIGTERM on the listener takes no new connections while in-flight requests drain;
     /readyz said 200 all that time (found by the section 6 audit), so a load balancer kept
     sending to a proxy that refused. Now 503 "stopping", and the held request still ends."""
-    policy = write_policy(tmp_path / "policy.yaml", prefix, "", top="shutdown_timeout: 30s\n")
-    proxy = ProxyProcess(policy, redis_server.url, workers=workers, upstream=recorder.url)
-    proxies.append(proxy)
-    recorder.hold = asyncio.Event()
+    proxy = draining_proxy(tmp_path, prefix, redis_server, proxies, workers, recorder.url)
     async with aiohttp.ClientSession() as http:
-        await proxy.ready(http)
-        in_flight = asyncio.create_task(post(http, proxy.url, "held-while-stopping"))
-        await asyncio.wait_for(recorder.arrived.wait(), BOUND)
-        proxy.process.send_signal(signal.SIGTERM)
+        in_flight, hold = await sigterm_with_one_held(http, proxy, recorder, "held-while-stopping")
         readiness: tuple[int, Any] = (0, None)
         for _ in range(int(BOUND / 0.05)):
             async with http.get(proxy.admin_url + "/readyz") as response:
@@ -744,7 +763,7 @@ async def test_readyz_says_stopping_while_sigterm_drains(
                 break
             await asyncio.sleep(0.05)
         assert readiness == (503, {"status": "stopping"})
-        recorder.hold.set()
+        hold.set()
         answer = await asyncio.wait_for(in_flight, BOUND)
         code = await asyncio.to_thread(proxy.process.wait, BOUND)
     assert answer.status == 201
@@ -765,9 +784,7 @@ async def test_sigterm_lets_an_upload_under_way_finish(
     the bytes that arrive, so its handler waited for the rest of the body until
     shutdown_timeout, and the client got a closed connection (access line 499). Found by the
     workers audit (raw sockets, half a body sent before SIGTERM, the rest after)."""
-    policy = write_policy(tmp_path / "policy.yaml", prefix, "", top="shutdown_timeout: 30s\n")
-    proxy = ProxyProcess(policy, redis_server.url, workers=workers, upstream=recorder.url)
-    proxies.append(proxy)
+    proxy = draining_proxy(tmp_path, prefix, redis_server, proxies, workers, recorder.url)
     uploads = 4  # connections: the kernel spreads them over the workers
     async with aiohttp.ClientSession() as http:
         await proxy.ready(http)
@@ -821,11 +838,8 @@ async def test_sigterm_keeps_relaying_what_a_websocket_client_sends_while_it_dra
     upstream = TestServer(app, host=HOST, port=free_port())
     await upstream.start_server()
     try:
-        policy = write_policy(tmp_path / "policy.yaml", prefix, "", top="shutdown_timeout: 30s\n")
-        proxy = ProxyProcess(
-            policy, redis_server.url, workers=2, upstream=f"http://{HOST}:{upstream.port}"
-        )
-        proxies.append(proxy)
+        upstream_url = f"http://{HOST}:{upstream.port}"
+        proxy = draining_proxy(tmp_path, prefix, redis_server, proxies, 2, upstream_url)
         async with aiohttp.ClientSession() as http:
             await proxy.ready(http)
             async with http.ws_connect(proxy.url + "/ws") as socket:
