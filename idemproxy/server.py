@@ -151,8 +151,11 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
     def _body_arriving(self) -> bool:
         """Whether the request in flight still reads from the client: its body is not
         complete, or it is a WebSocket (or another upgrade) whose frames are relayed."""
-        if self.carries_frames:
-            return True
+        return self.carries_frames or self._body_open()
+
+    def _body_open(self) -> bool:
+        """Whether the newest request's body is still being read: not ended, not failed (no
+        request's body, EMPTY_PAYLOAD, has ended)."""
         body = self._newest_body
         return not body.is_eof() and body.exception() is None
 
@@ -166,10 +169,9 @@ class HeadTimeoutRequestHandler(InspectableRequestHandler):
         chunk): aiohttp queues the refusal as a next message and leaves that body open forever.
         The body is failed with the problem instead, so the handler reading it answers 400 (or
         431) and closes the connection; the queued refusal is never served."""
-        body = self._newest_body
-        if body is EMPTY_PAYLOAD or body.is_eof() or body.exception():
+        if not self._body_open():
             return
-        body.set_exception(parser_refusal(refusal))
+        self._newest_body.set_exception(parser_refusal(refusal))
         self.stop_lingering()
         self.close()
 
